@@ -1,0 +1,144 @@
+"""Evaluate checkpoints on their test split and print them in the shape of the paper's Table II.
+
+    python evaluate.py teacher.pt alone.pt vanilla.pt student.pt
+    python evaluate.py student.pt --predictions student_predictions.csv   # + per-class report
+    python evaluate.py teacher.pt student.pt --benchmark                   # + latency and throughput
+    python evaluate.py runs/seed*/*.pt --json table.json                   # several seeds: mean +- std
+
+Each checkpoint carries its network, classes, image size and split settings, so only --data is
+needed; a checkpoint whose classes or training files do not match --data is refused.
+"""
+
+import argparse
+import csv
+import io
+import json
+import sys
+
+import torch
+
+import mpkd
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="checkpoints written by train_teacher.py or distill.py")
+    p.add_argument("--data", default=mpkd.DEFAULT_DATA, help="folder of class folders the checkpoints were trained on")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (no-op on CPU)")
+    p.add_argument("--json", default=None, help="also write every number printed to this JSON file")
+    p.add_argument("--predictions", default=None, help="write one CSV row per test image and checkpoint to this file")
+    p.add_argument("--benchmark", action="store_true", help="measure batch-1 latency and large-batch throughput")
+    return p.parse_args(argv)
+
+
+def test_part(ckpt, path, args, device, cache):
+    """The checkpoint's test images, decoded once per split and image size."""
+    ident = ckpt["identity"]
+    key = tuple(ident[k] for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac"))
+    if key not in cache:
+        data = mpkd.load_dataset(args.data, *key)
+        cache[key] = (data, mpkd.load_part(data, "test", device))
+    data, part = cache[key]
+    differ = mpkd.mismatches(ident, data["identity"])
+    if differ:
+        raise mpkd.UserError(f"{path} does not belong to --data {args.data} ({'; '.join(differ)})")
+    return part
+
+
+def evaluate_checkpoint(path, args, device, cache):
+    """One row of the table: method, network, test accuracy, size, per-class report, probabilities."""
+    ckpt = mpkd.load_file(path, mpkd.CHECKPOINT_FORMAT)
+    part = test_part(ckpt, path, args, device, cache)
+    model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
+    logits = mpkd.predict(model, part["images"], args.amp)
+    classes = ckpt["identity"]["classes"]
+    report = mpkd.classification_report(part["labels"].tolist(), logits.argmax(1).tolist(), len(classes))
+    row = {"checkpoint": str(path), "method": ckpt["method"], "network": mpkd.network_name(ckpt["model"]),
+           "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"],
+           "params_m": mpkd.count_params(model) / 1e6, "size_mb": mpkd.model_size_mb(model),
+           "classes": classes, "report": report,
+           "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]]}
+    if args.benchmark:
+        row["benchmark"] = mpkd.benchmark(model, ckpt["identity"]["img_size"], device, args.amp, ckpt["args"]["batch_size"])
+    probs = torch.softmax(logits, 1).cpu().tolist()
+    return row, [[str(path), f, classes[t], classes[p], *pr]
+                 for f, t, p, pr in zip(part["files"], part["labels"].tolist(), logits.argmax(1).tolist(), probs)]
+
+
+def table_lines(rows, summary, paired):
+    """Table II, per checkpoint; then mean +- std per method where there are several seeds."""
+    bench = all("benchmark" in r for r in rows)
+    head = f"{'Method':<15}{'Network':<10}{'Acc (%)':>9}{'Params (M)':>12}{'Size (MB)':>11}"
+    head += f"{'Latency (ms)':>14}{'Img/s':>10}{'Train img/s':>13}" if bench else ""
+    lines = [head + "  Checkpoint"]
+    for r in rows:
+        line = f"{r['method']:<15}{r['network']:<10}{r['accuracy']:>9.2f}{r['params_m']:>12.2f}{r['size_mb']:>11.3f}"
+        if bench:
+            b = r["benchmark"]
+            line += f"{b['latency_ms']:>14.2f}{b['throughput']:>10.1f}{b['train_step_images_per_s']:>13.1f}"
+        lines.append(line + f"  {r['checkpoint']}")
+    if any(s["n"] > 1 for s in summary):
+        lines += ["", f"{'Method':<15}{'Network':<10}{'Acc (%) mean +- std':>22}{'n':>4}{'Params (M)':>12}{'Size (MB)':>11}"]
+        lines += [f"{s['method']:<15}{s['network']:<10}{s['accuracy_mean']:>13.2f} +- {s['accuracy_std']:<5.2f}"
+                  f"{s['n']:>4}{s['params_m']:>12.2f}{s['size_mb']:>11.3f}" for s in summary]
+    if paired:
+        lines += ["", f"{paired['a']} - {paired['b']}, paired by seed {paired['seeds']}: "
+                      f"{' '.join(f'{d:+.2f}' for d in paired['diffs'])} -> mean {paired['mean']:+.2f} "
+                      f"+- {paired['std']:.2f} points"]
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+    student = next((r for r in rows if r["method"] != "teacher"), None)
+    if bench and teacher and student:
+        t, s = teacher["benchmark"], student["benchmark"]
+        lines += ["", f"{student['network']} vs {teacher['network']}: {t['latency_ms'] / s['latency_ms']:.2f}x lower "
+                      f"batch-1 latency, {s['throughput'] / t['throughput']:.2f}x throughput"]
+    return lines
+
+
+def report_lines(row):
+    """Per-class precision, recall and F1, and the confusion matrix with class names."""
+    rep, classes = row["report"], row["classes"]
+    width = max(12, max(len(c) for c in classes) + 2)
+    lines = ["", f"{'class':<{width}}{'precision':>10}{'recall':>9}{'F1':>8}{'support':>9}"]
+    lines += [f"{c:<{width}}{rep['precision'][i]:>10.2f}{rep['recall'][i]:>9.2f}{rep['f1'][i]:>8.2f}{rep['support'][i]:>9}"
+              for i, c in enumerate(classes)]
+    lines += [f"accuracy {rep['accuracy']:.2f}%  balanced accuracy {rep['balanced_accuracy']:.2f}%  "
+              f"macro-F1 {rep['macro_f1']:.2f}%", "", "confusion matrix (rows: true, columns: predicted)"]
+    lines.append(" " * width + "".join(f"{i:>6}" for i in range(len(classes))))
+    lines += [f"{f'{i} {c}':<{width}}" + "".join(f"{n:>6}" for n in counts) for i, (c, counts) in enumerate(zip(classes, rep["confusion"]))]
+    return lines
+
+
+def main(args):
+    device = mpkd.pick_device(args.device)
+    for path in (p for p in (args.json, args.predictions) if p):
+        mpkd.check_writable(path)
+    cache, rows, predictions = {}, [], []
+    for path in args.checkpoints:
+        row, preds = evaluate_checkpoint(path, args, device, cache)
+        rows.append(row)
+        predictions += preds
+    summary, paired = mpkd.summarise(rows), mpkd.paired_difference(rows)
+    lines = table_lines(rows, summary, paired)
+    if len(rows) == 1:
+        lines += report_lines(rows[0])
+    print("\n".join(lines))
+    if args.json:
+        mpkd.write_text_atomic(json.dumps({"checkpoints": rows, "summary": summary, "paired": paired}, indent=1), args.json)
+    if args.predictions:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        classes = rows[0]["classes"]
+        writer.writerow(["checkpoint", "file", "true", "predicted", *(f"p_{c}" for c in classes)])
+        writer.writerows(predictions)
+        mpkd.write_text_atomic(buf.getvalue(), args.predictions)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except mpkd.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

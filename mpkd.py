@@ -1,0 +1,770 @@
+"""Multi-Part Knowledge Distillation (MPKD) for colorectal cancer histology: the functional core.
+
+A MixNet-L teacher is trained and its outputs on the training set are stored every few epochs. A
+MixNet-S student is then trained with cross-entropy plus a temperature-softened KD term whose target
+follows the stored teacher outputs interval by interval: with 50 student epochs and outputs stored
+at teacher epochs 5, 10, ..., 50, student epochs 0-4 learn from the teacher at epoch 5, epochs 5-9
+from epoch 10, and so on. Vanilla KD uses only the final teacher.
+
+The scripts `train_teacher.py`, `distill.py` and `evaluate.py` are thin argparse wrappers around
+this module; a user who copies one script and this file has everything. Sections, in dependency
+order: errors, data, models, losses, schedule, files, training, evaluation.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+DEFAULT_DATA = "data/Kather_texture_2016_image_tiles_5000"
+KATHER_URL = "https://zenodo.org/record/53169/files/Kather_texture_2016_image_tiles_5000.zip"
+KATHER_MD5 = "0ddbebfc56344752028fda72602aaade"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+SLIDE_PATTERN = re.compile(r"CRC-Prim-HE-\d+")  # Kather 2016 names carry their source slide
+NETWORK_NAMES = {"mixnet_s": "MixNet-S", "mixnet_m": "MixNet-M", "mixnet_l": "MixNet-L"}
+CHECKPOINT_FORMAT = "mpkd-checkpoint/1"
+OUTPUTS_FORMAT = "mpkd-teacher-outputs/1"
+STATE_FORMAT = "mpkd-state/1"
+METHODS = ("teacher", "student", "vanilla KD", "Multi-Part KD")  # Table II's rows, in order
+RESUME_FREE_ARGS = ("resume", "device", "compile")  # may change between a run and its resume
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+class UserError(Exception):
+    """A mistake in the inputs: the scripts print it as one line on stderr and exit with status 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: the state of the last completed epoch is kept for --resume."""
+
+
+def check_settings(args: dict) -> None:
+    """Refuse out-of-range settings before any time is spent; `args` is vars(argparse args)."""
+    rules = [
+        ("epochs", lambda v: v > 0, "must be positive"),
+        ("batch_size", lambda v: v > 0, "must be positive"),
+        ("lr", lambda v: v > 0 and math.isfinite(v), "must be positive"),
+        ("step_size", lambda v: v > 0, "must be positive"),
+        ("gamma", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("img_size", lambda v: v >= 32, "must be at least 32 (MixNet downsamples 32 times)"),
+        ("temperature", lambda v: v > 0 and math.isfinite(v), "must be positive"),
+        ("distill_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("test_frac", lambda v: 0 < v < 1, "must be in (0, 1)"),
+        ("val_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ]
+    for name, ok, why in rules:
+        if name in args and not ok(args[name]):
+            raise UserError(f"--{name.replace('_', '-')} {args[name]} {why}")
+    if "save_every" in args and not 0 < args["save_every"] <= args["epochs"]:
+        raise UserError(f"--save-every {args['save_every']} must be between 1 and --epochs {args['epochs']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a folder of class folders, decoded once into one uint8 tensor; flips and normalisation
+# happen batch by batch on the training device.
+
+
+def fetch_kather(root: str | Path) -> None:
+    """Download and unpack the Kather 2016 zip (md5-checked) so that `root` exists."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root = Path(root)
+    try:
+        download_and_extract_archive(KATHER_URL, download_root=root.parent, md5=KATHER_MD5)
+    except Exception as err:  # no network, a proxy, a bad md5: all end the same way for the user
+        raise UserError(
+            f"{root} is missing and the download failed ({type(err).__name__}: {err}); get "
+            f"Kather_texture_2016_image_tiles_5000.zip from https://zenodo.org/record/53169 and "
+            f"unpack it into {root.parent}, or pass --data DIR"
+        ) from None
+    if not root.is_dir():
+        raise UserError(f"the downloaded zip did not unpack to {root}; pass --data DIR")
+
+
+def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """Image paths relative to `root`, their labels and the sorted class names (one per folder)."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise UserError(f"data path {root} is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise UserError(f"{root} must hold at least two class folders (<class>/<image>), found {len(classes)}")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(
+            p.relative_to(root).as_posix() for p in (root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not found:
+            raise UserError(f"class folder {root / name} holds no images ({' '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [label] * len(found)
+    return files, labels, classes
+
+
+def load_images(root: str | Path, files: list[str], size: int) -> torch.Tensor:
+    """Decode `files` once into a (N, 3, size, size) uint8 tensor; any mode becomes RGB, any size is resized."""
+    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, name in enumerate(files):
+        try:
+            with Image.open(Path(root) / name) as img:
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking
+                out[i] = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UserError(f"cannot decode image {Path(root) / name}: {err}") from None
+    return out
+
+
+def slide_ids(files: list[str]) -> list[str]:
+    """The source slide of each Kather tile, parsed from its file name ('CRC-Prim-HE-07')."""
+    ids = []
+    for name in files:
+        match = SLIDE_PATTERN.search(Path(name).name)
+        if match is None:
+            raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name, {name} has none")
+        ids.append(match.group(0))
+    return ids
+
+
+def _take(n: int, frac: float) -> int:
+    """How many of n items a fraction takes: rounded, at least one and never all when frac > 0."""
+    return 0 if frac == 0 or n < 2 else min(n - 1, max(1, int(n * frac + 0.5)))
+
+
+def _stratified_cut(idx: list[int], labels: list[int], frac: float, gen: torch.Generator) -> tuple[list, list]:
+    """Split `idx` into (taken, rest), taking `frac` of every class at random."""
+    taken, rest = [], []
+    for c in sorted({labels[i] for i in idx}):
+        members = [i for i in idx if labels[i] == c]
+        members = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
+        k = _take(len(members), frac)
+        taken += members[:k]
+        rest += members[k:]
+    return taken, rest
+
+
+def _grouped_cut(idx: list[int], labels: list[int], groups: list[str], frac: float,
+                 gen: torch.Generator) -> tuple[list, list]:
+    """Split `idx` into (taken, rest) by whole groups, keeping class proportions as well as groups allow.
+
+    Groups are visited in a seeded random order; each joins the taken side when that brings the taken
+    side's class counts closer (in squared error) to `frac` of every class.
+    """
+    names = sorted({groups[i] for i in idx})
+    if len(names) < 2:
+        raise UserError(f"--split-by slide needs at least two slides on each side of a cut, found {names}")
+    num_classes = max(labels) + 1
+    counts = {g: np.zeros(num_classes) for g in names}
+    for i in idx:
+        counts[groups[i]][labels[i]] += 1
+    target = frac * sum(counts.values())
+    chosen, have = [], np.zeros(num_classes)
+    for j in torch.randperm(len(names), generator=gen).tolist():
+        g = names[j]
+        if len(chosen) < len(names) - 1 and (
+            not chosen or ((have + counts[g] - target) ** 2).sum() < ((have - target) ** 2).sum()
+        ):
+            chosen.append(g)
+            have += counts[g]
+    taken = [i for i in idx if groups[i] in chosen]
+    return taken, [i for i in idx if groups[i] not in chosen]
+
+
+def split_indices(labels: list[int], test_frac: float, val_frac: float, seed: int,
+                  groups: list[str] | None = None) -> dict[str, list[int]]:
+    """Deterministic stratified train/val/test split: disjoint, covering, each part sorted.
+
+    `test_frac` of every class is held out for testing, then `val_frac` of the rest for validation
+    (paper: 0.2 and 0.2). With `groups` (slide ids) whole groups go to one side only.
+    """
+    gen = torch.Generator().manual_seed(seed)  # its own generator: the split never moves with --seed
+    everything = list(range(len(labels)))
+    if groups is None:
+        test, rest = _stratified_cut(everything, labels, test_frac, gen)
+        val, train = _stratified_cut(rest, labels, val_frac, gen)
+    else:
+        test, rest = _grouped_cut(everything, labels, groups, test_frac, gen)
+        val, train = _grouped_cut(rest, labels, groups, val_frac, gen) if val_frac > 0 else ([], rest)
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def fingerprint(files: list[str], labels: list[int]) -> str:
+    """A short hash of a file list and its labels: tells whether two runs saw the same images."""
+    digest = hashlib.sha256()
+    for name, label in zip(files, labels):
+        digest.update(f"{name}\t{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int, test_frac: float,
+                 val_frac: float) -> dict:
+    """Index a class-folder data set and split it; images are decoded later, part by part."""
+    if not Path(root).exists() and Path(root) == Path(DEFAULT_DATA):
+        fetch_kather(root)
+    files, labels, classes = find_images(root)
+    groups = slide_ids(files) if split_by == "slide" else None
+    split = split_indices(labels, test_frac, val_frac, split_seed, groups)
+    train = split["train"]
+    identity = {  # everything the stored teacher outputs and checkpoints must agree on
+        "classes": classes, "img_size": img_size, "split_by": split_by, "split_seed": split_seed,
+        "test_frac": test_frac, "val_frac": val_frac,
+        "train_fingerprint": fingerprint([files[i] for i in train], [labels[i] for i in train]),
+    }
+    return {"root": str(root), "files": files, "labels": labels, "classes": classes, "groups": groups,
+            "split": split, "identity": identity}
+
+
+def load_part(data: dict, part: str, device: torch.device) -> dict:
+    """Decode one part of the split onto `device`: uint8 images (N, 3, S, S) and labels (N,)."""
+    idx = data["split"][part]
+    images = load_images(data["root"], [data["files"][i] for i in idx], data["identity"]["img_size"])
+    labels = torch.tensor([data["labels"][i] for i in idx], dtype=torch.long)
+    return {"images": images.to(device), "labels": labels.to(device), "files": [data["files"][i] for i in idx]}
+
+
+def split_table(data: dict) -> list[str]:
+    """Lines that show the split: tiles (and slides, if grouped) per class and side."""
+    lines = [f"{'class':<14}" + "".join(f"{p:>16}" for p in ("train", "val", "test"))]
+    for c, name in enumerate(data["classes"]):
+        cells = []
+        for part in ("train", "val", "test"):
+            idx = [i for i in data["split"][part] if data["labels"][i] == c]
+            slides = f" ({len({data['groups'][i] for i in idx})} sl)" if data["groups"] else ""
+            cells.append(f"{len(idx)}{slides}")
+        lines.append(f"{name:<14}" + "".join(f"{cell:>16}" for cell in cells))
+    if data["groups"]:
+        lines.append("slides: " + "; ".join(
+            f"{p} {' '.join(sorted({data['groups'][i] for i in data['split'][p]}))}" for p in ("train", "val", "test")))
+    return lines
+
+
+def normalise(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, mirrored where `flip` (B,) is true, ImageNet-normalised."""
+    x = images.float().div_(255)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def build_mixnet(name: str, num_classes: int, pretrained: bool) -> torch.nn.Module:
+    """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, ImageNet weights if asked."""
+    if not timm.is_model(name):
+        raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except Exception as err:  # only the weight download can fail here: offline, hub down, proxy
+        raise UserError(
+            f"could not fetch ImageNet weights for {name} ({type(err).__name__}); connect once so timm "
+            f"can cache them, or pass --no-pretrained to train from scratch"
+        ) from None
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters (buffers such as BatchNorm statistics excluded, as in the paper)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_mb(model: torch.nn.Module) -> float:
+    """fp32 parameter bytes / 1e6: MixNet-S 10.44 MB and MixNet-L 23.218 MB with 8 classes."""
+    return count_params(model) * 4 / 1e6
+
+
+def network_name(name: str) -> str:
+    """Table II's spelling of a timm model name."""
+    return NETWORK_NAMES.get(name, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) over the class dimension: (B, C) -> (B, C)."""
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, distill_weight: float) -> torch.Tensor:
+    """(1 - w) * CE(labels, S) + w * T^2 * KL(soften(teacher, T) || soften(student, T)); a scalar.
+
+    Shapes: logits (B, C), labels (B,). Both terms are batch means (KL with reduction="batchmean",
+    computed from log-probabilities with log_target=True, which is stable for small probabilities).
+    The paper's eq. (3) softens both outputs with temperature T and eq. (4) adds lambda * H(T, S) to
+    the cross-entropy; H(T, S) and KL(T || S) differ by the teacher's entropy, a constant for the
+    student, so the gradients agree. The T^2 factor (keeping the soft term's gradient scale
+    independent of T) and the (1 - w) weighting with the paper's "distill weight 0.5" follow Hinton
+    et al. (2015). w = 0 is plain cross-entropy and ignores `teacher_logits`.
+    """
+    ce = F.cross_entropy(student_logits.float(), labels)
+    if distill_weight == 0:
+        return ce
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+    return (1 - distill_weight) * ce + distill_weight * temperature**2 * kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+
+
+def checkpoint_schedule(student_epochs: int, checkpoint_epochs: list[int]) -> list[int]:
+    """For every student epoch e (0-based), the teacher epoch whose stored outputs are its target.
+
+    With E student epochs and K stored checkpoints (ascending), epoch e uses checkpoint number
+    ceil((e + 1) * K / E) - 1: intervals as even as possible, the last student epoch always learns
+    from the final teacher, and only stored epochs are returned. 50 epochs over [5, 10, ..., 50]
+    gives [5] * 5 + [10] * 5 + ... + [50] * 5, the paper's schedule.
+    """
+    stored = sorted(set(checkpoint_epochs))
+    if student_epochs <= 0 or not stored:
+        raise ValueError("need at least one student epoch and one stored teacher epoch")
+    k = len(stored)
+    return [stored[-((-(e + 1) * k) // student_epochs) - 1] for e in range(student_epochs)]
+
+
+def parse_anchors(text: str, stored: list[int]) -> list[int]:
+    """'5,15,30,50' -> [5, 15, 30, 50], refusing epochs that the outputs file does not hold."""
+    try:
+        anchors = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--anchors {text!r} must be comma-separated teacher epochs, e.g. 5,15,30,50") from None
+    unknown = [a for a in anchors if a not in stored]
+    if not anchors or unknown:
+        raise UserError(f"--anchors {text}: epochs {unknown} are not stored; stored epochs are {sorted(stored)}")
+    return anchors
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: every write goes to a temporary file in the same folder and is moved into place, so a
+# crash during a save never leaves a truncated file where a good one was.
+
+
+def _atomic_write(path: str | Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save `obj` (plain types and tensors only, so weights_only loading works) atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write a JSON report, CSV or log atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def load_file(path: str | Path, kind: str) -> dict:
+    """torch.load(weights_only=True) a file of `kind` (CHECKPOINT_FORMAT, ...), refusing anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, random bytes, a pickle of arbitrary objects
+        raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != kind:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path} is not a {kind} file (found {found})")
+    return obj
+
+
+def check_writable(*paths: str | Path) -> None:
+    """Refuse output paths whose folder is missing or read-only before any training starts."""
+    for path in paths:
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise UserError(f"cannot write {path}: folder {folder} does not exist")
+        if Path(path).is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"cannot write {path}: not a writable file location")
+
+
+def state_path(out: str | Path) -> Path:
+    """Where a run writing `out` keeps its resumable state: teacher.pt -> teacher.state.pt."""
+    return Path(out).with_suffix(".state.pt")
+
+
+def log_path(out: str | Path) -> Path:
+    """Where a run writing `out` keeps its JSON-lines log: teacher.pt -> teacher.log.jsonl."""
+    return Path(out).with_suffix(".log.jsonl")
+
+
+def mismatches(expected: dict, found: dict, skip: tuple = ()) -> list[str]:
+    """Keys on which two settings dicts differ, as 'key: found X, expected Y'."""
+    keys = sorted((set(expected) | set(found)) - set(skip))
+    return [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}" for k in keys if expected.get(k) != found.get(k)]
+
+
+def open_state(args: dict, data_identity: dict) -> dict | None:
+    """The state to resume from, or None for a fresh run; refuses a state that belongs to another run."""
+    path = state_path(args["out"])
+    if not args["resume"]:
+        if path.exists():
+            raise UserError(f"an interrupted run left {path}: add --resume to continue it, or delete it to start over")
+        return None
+    if not path.exists():
+        return None
+    state = load_file(path, STATE_FORMAT)
+    differ = mismatches(state["args"], args, skip=RESUME_FREE_ARGS) + mismatches(state["identity"], data_identity)
+    if differ:
+        raise UserError(f"--resume refused, {path} was made with other settings ({'; '.join(differ)})")
+    return state
+
+
+def teacher_outputs_file(path: str | Path, identity: dict) -> dict:
+    """Load stored teacher outputs, refusing ones made from other data, split, image size or classes."""
+    outputs = load_file(path, OUTPUTS_FORMAT)
+    differ = mismatches(identity, outputs["identity"])
+    if differ:
+        raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable device is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32: free speed on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; nullcontext() on CPU, where bf16 would only slow MixNet down."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a model to `device`, channels_last on CUDA (faster depthwise convs), unchanged on CPU."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generator, amp: bool,
+                    targets: torch.Tensor | None, temperature: float, distill_weight: float) -> dict:
+    """One pass over `part` in a seeded random order with seeded flips; `targets` (N, 2, C) are the
+    stored teacher logits of each image and of its mirror. No host-device sync inside the loop."""
+    images, labels = part["images"], part["labels"]
+    device, n = images.device, len(labels)
+    order = torch.randperm(n, generator=gen).to(device)
+    flips = (torch.rand(n, generator=gen) < 0.5).to(device)
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    bad_batch = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch, if any
+    seen = 0
+    _sync(device)
+    start = time.perf_counter()
+    for step, first in enumerate(range(0, n, batch_size)):
+        idx = order[first:first + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on a single image; only a last leftover is skipped
+            break
+        flip = flips[idx]
+        x = _layout(normalise(images[idx], flip))
+        with autocast(device, amp):
+            logits = model(x)  # (B, C)
+        target = None if targets is None else targets[idx, flip.long()]  # the view it was trained on
+        loss = kd_loss(logits, target, labels[idx], temperature, distill_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss), step + 1, bad_batch)
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == labels[idx]).sum()
+        seen += len(idx)
+    _sync(device)  # the one sync point of the epoch
+    seconds = time.perf_counter() - start
+    bad = int(bad_batch)
+    return {"loss": total_loss.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
+            "images_per_s": seen / seconds, "train_seconds": seconds, "bad_batch": bad if bad > 0 else None}
+
+
+def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict | None = None,
+        targets_for=None, after_epoch=None, say=lambda line: None) -> dict:
+    """The epoch loop shared by teacher and student: Adam + StepLR as in the paper, per-epoch log
+    line and JSON line, resumable state written atomically after every epoch.
+
+    `targets_for(epoch)` gives the stored teacher logits (N, 2, C) for a 0-based epoch, or None;
+    `after_epoch(epochs_done, model, extra)` may store things in `extra` (kept in the state) and
+    returns fields for the log. Returns {"history": [...], "extra": {...}}.
+    """
+    device = train["images"].device
+    opt = torch.optim.Adam(model.parameters(), lr=args["lr"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args["step_size"], gamma=args["gamma"])
+    gen = torch.Generator().manual_seed(args["seed"])  # shuffling and flips, saved with the state
+    run = {"history": [], "extra": {}, "epoch": 0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        run = {"history": state["history"], "extra": state["extra"], "epoch": state["epoch"]}
+    log, spath = log_path(args["out"]), state_path(args["out"])
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in run["history"]), log)  # drop lines past the state
+    step_model = torch.compile(model) if args.get("compile") else model
+    try:
+        for epoch in range(run["epoch"], args["epochs"]):
+            start = time.perf_counter()
+            targets = targets_for(epoch) if targets_for else None
+            stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, args.get("amp", False),
+                                    targets, args.get("temperature", 1.0), args.get("distill_weight", 0.0))
+            bad = stats.pop("bad_batch")
+            if bad is not None:
+                kept = f"epoch {run['epoch']} is kept in {spath}" if run["epoch"] else "no epoch had completed"
+                raise UserError(f"the loss became NaN or infinite in epoch {epoch + 1}, batch {bad}; {kept} "
+                                f"(try a lower --lr)")
+            sched.step()
+            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
+            if len(val["labels"]):
+                record["val_acc"] = accuracy(predict(model, val["images"], args.get("amp", False)), val["labels"])
+            if after_epoch:
+                record.update(after_epoch(epoch + 1, model, run["extra"]))
+            record["seconds"] = time.perf_counter() - start
+            run["history"].append(record)
+            run["epoch"] = epoch + 1
+            save_atomic({"format": STATE_FORMAT, "args": args, "identity": identity, "epoch": epoch + 1,
+                         "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                         "torch_rng": torch.get_rng_state(), "history": run["history"], "extra": run["extra"]},
+                        spath)
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            say(format_record(record))
+    except KeyboardInterrupt:
+        done = f"epoch {run['epoch']} is saved in {spath}" if run["epoch"] else "no epoch had completed"
+        raise Interrupted(f"interrupted in epoch {run['epoch'] + 1}; {done}: run the same command with --resume") from None
+    return run
+
+
+def format_record(r: dict) -> str:
+    """The printed form of one epoch's log record."""
+    parts = [f"epoch {r['epoch']:3d}", f"loss {r['loss']:.4f}", f"train {r['train_acc']:6.2f}%"]
+    if "val_acc" in r:
+        parts.append(f"val {r['val_acc']:6.2f}%")
+    if "teacher_epoch" in r:
+        parts.append(f"target teacher@{r['teacher_epoch']}")
+    if "outputs_seconds" in r:
+        parts.append(f"outputs stored {r['outputs_seconds']:.1f}s")
+    parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.inference_mode()
+def predict(model, images: torch.Tensor, amp: bool, flip: bool = False, batch_size: int = 500) -> torch.Tensor:
+    """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on their device."""
+    model.eval()
+    outs = []
+    for first in range(0, len(images), batch_size):
+        x = images[first:first + batch_size]
+        with autocast(images.device, amp):
+            outs.append(model(_layout(normalise(x.flip(3) if flip else x))).float())
+    return torch.cat(outs)
+
+
+def teacher_outputs(model, images: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Stored teacher outputs (N, 2, C) on the CPU: [:, 0] the image's logits, [:, 1] its mirror's."""
+    return torch.stack([predict(model, images, amp), predict(model, images, amp, flip=True)], dim=1).cpu()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def classification_report(y_true: list[int], y_pred: list[int], num_classes: int) -> dict:
+    """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/F1 (all in %) and the
+    confusion matrix (rows: true class, columns: predicted). An undefined ratio (0/0) counts as 0.
+    Balanced accuracy averages recall over classes present in `y_true`; macro-F1 averages F1 over
+    all classes."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {
+        "accuracy": 100 * tp.sum() / max(cm.sum(), 1),
+        "balanced_accuracy": 100 * recall[support > 0].mean() if support.any() else 0.0,
+        "macro_f1": 100 * f1.mean(),
+        "precision": (100 * precision).tolist(), "recall": (100 * recall).tolist(), "f1": (100 * f1).tolist(),
+        "support": support.tolist(), "confusion": cm.tolist(),
+    }
+
+
+def make_checkpoint(model, args: dict, identity: dict, method: str, history: list) -> dict:
+    """Everything evaluate.py needs besides --data, as plain types and tensors (weights_only-safe)."""
+    return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method, "identity": identity,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "args": args, "history": history,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
+    """Rebuild the network of a checkpoint and load its weights."""
+    model = build_mixnet(ckpt["model"], len(ckpt["identity"]["classes"]), pretrained=False)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({str(err).splitlines()[0]})") from None
+    return model
+
+
+def kd_method(distill_weight: float, anchors: list[int]) -> str:
+    """Table II's row for a student: alone, vanilla KD (one teacher epoch) or Multi-Part KD."""
+    if distill_weight == 0:
+        return "student"
+    return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"
+
+
+def _median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch: int,
+              big_batch: int = 256, repeats: int = 20) -> dict:
+    """Batch-1 latency (median ms), large-batch inference images/s, and images/s of bare training
+    steps (forward, backward, Adam) on a resident batch: the floor against which an epoch's data
+    overhead is measured. Works on a copy; `model` is left as it was."""
+    import copy
+
+    model = to_device(copy.deepcopy(model), device).eval()
+    one = _layout(torch.randn(1, 3, img_size, img_size, device=device))
+    big = _layout(torch.randn(big_batch, 3, img_size, img_size, device=device))
+    with torch.inference_mode(), autocast(device, amp):
+        latency = _median_seconds(lambda: model(one), device, repeats, warmup=5)
+        batch_s = _median_seconds(lambda: model(big), device, max(3, repeats // 4), warmup=2)
+    x = _layout(torch.randn(train_batch, 3, img_size, img_size, device=device))
+    y = torch.randint(0, 2, (train_batch,), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step():
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step_s = _median_seconds(step, device, max(3, repeats // 2), warmup=3)
+    return {"latency_ms": 1000 * latency, "throughput": big_batch / batch_s, "train_step_images_per_s": train_batch / step_s}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Group evaluated checkpoints by (method, network): n, mean and std of accuracy, in Table II order."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["network"]), []).append(row)
+    order = sorted(groups, key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else len(METHODS), k[1]))
+    out = []
+    for method, net in order:
+        accs = [r["accuracy"] for r in groups[(method, net)]]
+        mean, std = _mean_std(accs)
+        first = groups[(method, net)][0]
+        out.append({"method": method, "network": net, "n": len(accs), "accuracy_mean": mean, "accuracy_std": std,
+                    "params_m": first["params_m"], "size_mb": first["size_mb"]})
+    return out
+
+
+def paired_difference(rows: list[dict], a: str = "Multi-Part KD", b: str = "vanilla KD") -> dict | None:
+    """Per-seed accuracy difference a - b, paired on (seed, split): the diffs, their mean and std."""
+    def by_key(method):
+        found = {}
+        for r in rows:
+            if r["method"] == method:
+                found.setdefault(tuple(r["pair_key"]), []).append(r["accuracy"])
+        return {k: v[0] for k, v in found.items() if len(v) == 1}
+
+    left, right = by_key(a), by_key(b)
+    keys = sorted(set(left) & set(right))
+    if not keys:
+        return None
+    diffs = [left[k] - right[k] for k in keys]
+    mean, std = _mean_std(diffs)
+    return {"a": a, "b": b, "seeds": [k[0] for k in keys], "diffs": diffs, "mean": mean, "std": std}
