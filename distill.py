@@ -94,6 +94,6 @@ if __name__ == "__main__":
     except mpkd.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except mpkd.Interrupted as err:
-        print(err, file=sys.stderr)
+    except KeyboardInterrupt as err:  # mpkd.Interrupted says where the last epoch was saved
+        print(err or "interrupted before training started", file=sys.stderr)
         sys.exit(130)

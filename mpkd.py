@@ -51,7 +51,7 @@ class UserError(Exception):
     """A mistake in the inputs: the scripts print it as one line on stderr and exit with status 2."""
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training: the state of the last completed epoch is kept for --resume."""
 
 
@@ -376,6 +376,8 @@ def _atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-save
+            stale.unlink(missing_ok=True)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

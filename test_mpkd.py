@@ -1,0 +1,580 @@
+"""Tests for mpkd.py and the three scripts: CPU only, tiny synthetic image folders, no downloads.
+
+    python -m pytest -q test_mpkd.py
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import distill
+import evaluate
+import mpkd
+import train_teacher
+
+HERE = Path(__file__).resolve().parent
+SAMPLES = HERE.parent / "shared" / "data" / "kather2016_samples"
+FAST = ["--img-size", "32", "--batch-size", "8", "--device", "cpu"]
+TIMING = ("seconds", "train_seconds", "images_per_s", "outputs_seconds")
+
+
+def make_dataset(root, classes=4, per_class=10, size=40, slides=5, suffix=".png"):
+    """Class folders of real image files; each class has its own colour so that it can be learnt."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = Path(root) / f"{c + 1:02d}_CLASS{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            colour = np.array([(c * 70) % 256, (c * 150 + 40) % 256, (255 - c * 60) % 256])
+            pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{c}{i:03d}_CRC-Prim-HE-{i % slides + 1:02d}_x{suffix}")
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """One teacher (3 epochs, outputs after every epoch) shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("teacher")
+    train_teacher.main(train_teacher.get_args([
+        "--data", str(data_dir), "--out", str(out / "teacher.pt"), "--logits-out", str(out / "teacher_logits.pt"),
+        "--no-pretrained", "--epochs", "3", "--save-every", "1", *FAST]))
+    return out
+
+
+def teacher_argv(data, out, *extra):
+    return ["--data", str(data), "--out", str(out / "teacher.pt"), "--logits-out", str(out / "teacher_logits.pt"),
+            "--no-pretrained", "--epochs", "2", "--save-every", "1", *FAST, *extra]
+
+
+def student_argv(data, teacher_dir, out, *extra):
+    return ["--data", str(data), "--teacher-logits", str(teacher_dir / "teacher_logits.pt"), "--out", str(out),
+            "--epochs", "3", *FAST, *extra]
+
+
+def without_timing(history):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+@pytest.mark.parametrize("temperature,weight", [(1.0, 0.5), (5.0, 0.5), (5.0, 0.9), (2.5, 1.0)])
+def test_kd_loss_matches_the_explicit_formula(temperature, weight):
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 8), torch.randn(6, 8), torch.randint(0, 8, (6,))
+    ps, pt = mpkd.soften(s, temperature), mpkd.soften(t, temperature)
+    kl = (pt * (pt.log() - ps.log())).sum(1).mean()  # KL(teacher || student), averaged over the batch
+    ce = -F.log_softmax(s, 1)[torch.arange(6), y].mean()
+    expected = (1 - weight) * ce + weight * temperature**2 * kl
+    assert torch.allclose(mpkd.kd_loss(s, t, y, temperature, weight), expected, atol=1e-5)
+
+
+def test_kd_loss_special_cases():
+    torch.manual_seed(1)
+    s, t, y = torch.randn(5, 8), torch.randn(5, 8), torch.randint(0, 8, (5,))
+    ce = F.cross_entropy(s, y)
+    assert torch.equal(mpkd.kd_loss(s, t, y, 5.0, 0.0), ce)  # w = 0 is plain cross-entropy
+    assert torch.allclose(mpkd.kd_loss(s, s.clone(), y, 5.0, 0.5), 0.5 * ce, atol=1e-6)  # equal logits: KL = 0
+    kl_only = [mpkd.kd_loss(s * T, t * T, y, T, 1.0) for T in (1.0, 3.0)]  # same soft targets, T^2 apart
+    assert torch.allclose(kl_only[1], 9 * kl_only[0], rtol=1e-4)
+
+
+def test_soften_is_a_distribution_and_uniform_at_high_temperature():
+    logits = torch.tensor([[10.0, -3.0, 0.5, 2.0]])
+    assert torch.allclose(mpkd.soften(logits, 1.0).sum(1), torch.ones(1))
+    assert torch.allclose(mpkd.soften(logits, 1e6), torch.full((1, 4), 0.25), atol=1e-5)
+    assert mpkd.soften(logits, 1.0)[0, 0] > 0.99
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+
+
+def test_schedule_paper_case():
+    assert mpkd.checkpoint_schedule(50, list(range(5, 51, 5))) == [e for e in range(5, 51, 5) for _ in range(5)]
+
+
+@pytest.mark.parametrize("epochs,stored,expected", [
+    (100, [5, 10], [5] * 50 + [10] * 50),  # stretched: equal halves
+    (7, [1, 2, 3], [1, 1, 2, 2, 3, 3, 3]),  # uneven: ceil((e + 1) * 3 / 7) - 1
+    (3, [10, 20, 30, 40, 50, 60], [20, 40, 60]),  # fewer student epochs than checkpoints
+    (4, [50], [50] * 4),  # vanilla KD
+    (1, [5, 10], [10]),  # the last epoch always learns from the final teacher
+    (5, [30, 10, 20, 10], [10, 20, 20, 30, 30]),  # order and duplicates do not matter
+])
+def test_schedule_cases(epochs, stored, expected):
+    assert mpkd.checkpoint_schedule(epochs, stored) == expected
+
+
+def test_schedule_properties():
+    for epochs in range(1, 40):
+        for k in range(1, 12):
+            stored = [3 * (i + 1) for i in range(k)]
+            sched = mpkd.checkpoint_schedule(epochs, stored)
+            assert len(sched) == epochs and sched[-1] == stored[-1]
+            assert sched == sorted(sched) and set(sched) <= set(stored)
+            counts = [sched.count(s) for s in set(sched)]
+            assert max(counts) - min(counts) <= 1 if epochs >= k else len(set(sched)) == epochs
+
+
+def test_schedule_refuses_empty():
+    with pytest.raises(ValueError):
+        mpkd.checkpoint_schedule(0, [5])
+    with pytest.raises(ValueError):
+        mpkd.checkpoint_schedule(5, [])
+
+
+def test_anchors_are_parsed_and_unknown_ones_refused():
+    assert mpkd.parse_anchors("50, 5,15,30", [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]) == [5, 15, 30, 50]
+    with pytest.raises(mpkd.UserError, match=r"\[7\].*stored epochs are \[5, 10\]"):
+        mpkd.parse_anchors("5,7", [5, 10])
+    with pytest.raises(mpkd.UserError):
+        mpkd.parse_anchors("five", [5])
+
+
+# ----------------------------------------------------------------------------------------------
+# Split
+
+
+def test_split_is_stratified_disjoint_covering_and_reproducible():
+    labels = [c for c in range(8) for _ in range(625)]  # Kather: 625 tiles per class
+    split = mpkd.split_indices(labels, 0.2, 0.2, seed=3)
+    parts = [set(split[p]) for p in ("train", "val", "test")]
+    assert sum(map(len, parts)) == len(labels) and set().union(*parts) == set(range(len(labels)))
+    for c in range(8):
+        assert [sum(labels[i] == c for i in split[p]) for p in ("train", "val", "test")] == [400, 100, 125]
+    assert split == mpkd.split_indices(labels, 0.2, 0.2, seed=3)
+    assert split["test"] != mpkd.split_indices(labels, 0.2, 0.2, seed=4)["test"]
+
+
+def test_split_of_tiny_classes_keeps_a_tile_on_every_side():
+    split = mpkd.split_indices([0, 0, 0, 1, 1, 1], 0.2, 0.2, seed=0)
+    assert [len(split[p]) for p in ("train", "val", "test")] == [2, 2, 2]
+
+
+def test_grouped_split_keeps_every_slide_on_one_side():
+    rng = random.Random(0)
+    labels = [rng.randrange(4) for _ in range(600)]
+    groups = [f"CRC-Prim-HE-{rng.randrange(10):02d}" for _ in range(600)]
+    split = mpkd.split_indices(labels, 0.2, 0.2, seed=1, groups=groups)
+    sides = [{groups[i] for i in split[p]} for p in ("train", "val", "test")]
+    assert all(not (a & b) for a, b in [(sides[0], sides[1]), (sides[0], sides[2]), (sides[1], sides[2])])
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(600))
+    assert all(sides)
+    assert split == mpkd.split_indices(labels, 0.2, 0.2, seed=1, groups=groups)
+    assert 0.1 < len(split["test"]) / 600 < 0.3  # roughly the asked fraction with 10 slides
+
+
+def test_slide_ids_and_refusal():
+    assert mpkd.slide_ids(["01_TUMOR/1A11_CRC-Prim-HE-07_022.tif_Row_601_Col_151.tif"]) == ["CRC-Prim-HE-07"]
+    with pytest.raises(mpkd.UserError, match="CRC-Prim-HE"):
+        mpkd.slide_ids(["a/img001.png"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data
+
+
+@pytest.mark.parametrize("name,params,size_mb", [("mixnet_s", "2.61", 10.44), ("mixnet_l", "5.80", 23.218)])
+def test_parameter_counts_and_sizes_match_the_paper(name, params, size_mb):
+    model = mpkd.build_mixnet(name, 8, pretrained=False)
+    assert f"{mpkd.count_params(model) / 1e6:.2f}" == params
+    assert round(mpkd.model_size_mb(model), 3 if name == "mixnet_l" else 2) == size_mb
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="the 24 real Kather tiles are not on this machine")
+def test_real_kather_tiles_load_with_their_labels():
+    files, labels, classes = mpkd.find_images(SAMPLES)
+    assert classes == ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]
+    assert len(files) == 24 and labels == [c for c in range(8) for _ in range(3)]
+    assert all(f.split("/")[0] == classes[label] for f, label in zip(files, labels))
+    images = mpkd.load_images(SAMPLES, files, 112)
+    assert images.shape == (24, 3, 112, 112) and images.dtype == torch.uint8
+    with Image.open(SAMPLES / files[0]) as img:  # resizing is PIL's bilinear, exactly
+        expected = np.asarray(img.convert("RGB").resize((112, 112), Image.BILINEAR))
+    assert torch.equal(images[0], torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    assert len(set(mpkd.slide_ids(files))) > 1
+
+
+def test_mixed_modes_and_sizes_become_rgb_of_the_training_size(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=2, per_class=2)
+    Image.new("RGBA", (50, 30), (10, 20, 30, 128)).save(root / "01_CLASS0" / "rgba.png")
+    Image.new("L", (20, 20), 77).save(root / "02_CLASS1" / "grey.tif")
+    files, _, _ = mpkd.find_images(root)
+    images = mpkd.load_images(root, files, 32)
+    assert images.shape == (6, 3, 32, 32)
+    assert images[files.index("01_CLASS0/rgba.png")].flatten(1).float().mean(1).tolist() == [10, 20, 30]
+    assert (images[files.index("02_CLASS1/grey.tif")] == 77).all()
+
+
+def test_normalise_flips_and_normalises_on_the_input_device():
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
+    out = mpkd.normalise(x, torch.tensor([False, True]))
+    mean = torch.tensor(mpkd.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(mpkd.IMAGENET_STD).view(1, 3, 1, 1)
+    plain = (x.float() / 255 - mean) / std
+    assert torch.allclose(out[0], plain[0]) and torch.allclose(out[1], plain[1].flip(2))
+    assert out.device == x.device and out.dtype == torch.float32
+
+
+def test_classification_report_against_hand_computed_values():
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 2, 2]
+    rep = mpkd.classification_report(y_true, y_pred, 4)
+    assert rep["confusion"] == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert rep["precision"] == pytest.approx([100, 50, 50, 0])
+    assert rep["recall"] == pytest.approx([200 / 3, 50, 100, 0])
+    assert rep["f1"] == pytest.approx([80, 50, 200 / 3, 0])
+    assert rep["accuracy"] == pytest.approx(400 / 6)
+    assert rep["balanced_accuracy"] == pytest.approx((200 / 3 + 50 + 100) / 3)  # class 3 is absent
+    assert rep["macro_f1"] == pytest.approx((80 + 50 + 200 / 3) / 4)
+    assert rep["support"] == [3, 2, 1, 0]
+
+
+def test_seed_aggregation_and_paired_difference():
+    rows = [{"method": m, "network": "MixNet-S", "accuracy": a, "params_m": 2.61, "size_mb": 10.44, "pair_key": [s, "f"]}
+            for m, accs in [("Multi-Part KD", [90.0, 92.0, 94.0]), ("vanilla KD", [89.0, 92.5, 91.0])]
+            for s, a in enumerate(accs)]
+    rows.append({"method": "teacher", "network": "MixNet-L", "accuracy": 95.0, "params_m": 5.8, "size_mb": 23.2, "pair_key": [0, "f"]})
+    summary = mpkd.summarise(rows)
+    assert [(s["method"], s["n"]) for s in summary] == [("teacher", 1), ("vanilla KD", 3), ("Multi-Part KD", 3)]
+    assert summary[2]["accuracy_mean"] == pytest.approx(92.0) and summary[2]["accuracy_std"] == pytest.approx(2.0)
+    assert summary[0]["accuracy_std"] == 0.0
+    paired = mpkd.paired_difference(rows)
+    assert paired["diffs"] == pytest.approx([1.0, -0.5, 3.0])
+    assert paired["mean"] == pytest.approx(3.5 / 3)
+    assert paired["std"] == pytest.approx(np.std([1.0, -0.5, 3.0], ddof=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored teacher outputs and the whole pipeline
+
+
+def test_stored_outputs_have_the_right_keys_shapes_and_mirror_view(trained, data_dir):
+    stored = mpkd.load_file(trained / "teacher_logits.pt", mpkd.OUTPUTS_FORMAT)
+    ckpt = mpkd.load_file(trained / "teacher.pt", mpkd.CHECKPOINT_FORMAT)
+    data = mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)
+    assert sorted(stored["outputs"]) == [1, 2, 3]
+    assert stored["identity"] == data["identity"] == ckpt["identity"]
+    assert all(v.shape == (24, 2, 4) and v.dtype == torch.float32 for v in stored["outputs"].values())
+    train = mpkd.load_part(data, "train", torch.device("cpu"))
+    model = mpkd.load_model(ckpt, "teacher.pt")
+    final = stored["outputs"][3]
+    assert torch.allclose(final[:, 0], mpkd.predict(model, train["images"], False), atol=1e-5)
+    assert torch.allclose(final[:, 1], mpkd.predict(model, train["images"].flip(3), False), atol=1e-5)
+    assert not torch.allclose(final[:, 0], final[:, 1])
+    assert not torch.equal(stored["outputs"][1], final)  # each epoch's teacher is its own
+    log = [json.loads(line) for line in (trained / "teacher.log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all("outputs_seconds" in r and "val_acc" in r for r in log)
+    assert without_timing(log) == without_timing(ckpt["history"])
+    assert not mpkd.state_path(trained / "teacher.pt").exists()
+
+
+def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, capsys):
+    out = tmp_path / "student.pt"
+    distill.main(distill.get_args(student_argv(data_dir, trained, out, "--multipart", "--epochs", "6")))
+    ckpt = mpkd.load_file(out, mpkd.CHECKPOINT_FORMAT)
+    assert ckpt["method"] == "Multi-Part KD" and ckpt["model"] == "mixnet_s"
+    assert [r["teacher_epoch"] for r in ckpt["history"]] == [1, 1, 2, 2, 3, 3]
+    json_path, csv_path = tmp_path / "table.json", tmp_path / "pred.csv"
+    rows = evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), str(out), "--data", str(data_dir),
+                                            "--device", "cpu", "--json", str(json_path)]))
+    printed = capsys.readouterr().out
+    assert [(r["method"], r["network"]) for r in rows] == [("teacher", "MixNet-L"), ("Multi-Part KD", "MixNet-S")]
+    # the reported accuracy is the checkpoint's on the 8 test images, recomputed here by hand
+    data = mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)
+    test = mpkd.load_part(data, "test", torch.device("cpu"))
+    expected = mpkd.accuracy(mpkd.predict(mpkd.load_model(ckpt, out), test["images"], False), test["labels"])
+    assert rows[1]["accuracy"] == pytest.approx(expected)
+    assert rows[1]["size_mb"] == mpkd.count_params(mpkd.load_model(ckpt, out)) * 4 / 1e6
+    assert f"{expected:.2f}" in printed and f"{rows[1]['size_mb']:.3f}" in printed
+    saved = json.loads(json_path.read_text())
+    assert saved["checkpoints"][1]["accuracy"] == pytest.approx(expected)
+    evaluate.main(evaluate.get_args([str(out), "--data", str(data_dir), "--device", "cpu", "--predictions", str(csv_path)]))
+    single = capsys.readouterr().out
+    assert "confusion matrix" in single and "macro-F1" in single
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 9 and lines[0].startswith("checkpoint,file,true,predicted,p_01_CLASS0")
+    assert sum(line.split(",")[2] == line.split(",")[3] for line in lines[1:]) == round(expected * 8 / 100)
+
+
+def test_vanilla_alone_and_anchored_students(trained, data_dir, tmp_path):
+    runs = {"vanilla.pt": [], "alone.pt": ["--distill-weight", "0", "--teacher-logits", "missing.pt"],
+            "anchors.pt": ["--anchors", "1,3"]}
+    for name, extra in runs.items():
+        distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / name, *extra)))
+    ckpts = {n: mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in runs}
+    assert ckpts["vanilla.pt"]["method"] == "vanilla KD"
+    assert [r["teacher_epoch"] for r in ckpts["vanilla.pt"]["history"]] == [3, 3, 3]
+    assert ckpts["alone.pt"]["method"] == "student" and "teacher_epoch" not in ckpts["alone.pt"]["history"][0]
+    assert [r["teacher_epoch"] for r in ckpts["anchors.pt"]["history"]] == [1, 3, 3]
+
+
+def test_multipart_with_a_single_stored_epoch_warns_and_runs_vanilla_kd(data_dir, tmp_path, capsys):
+    train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--save-every", "2")))
+    assert list(torch.load(tmp_path / "teacher_logits.pt", weights_only=True)["outputs"]) == [2]
+    distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt", "--multipart", "--epochs", "1")))
+    assert "vanilla KD" in capsys.readouterr().err
+    assert mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["method"] == "vanilla KD"
+
+
+def test_slide_split_end_to_end_and_mixing_modes_is_refused(trained, data_dir, tmp_path, capsys):
+    train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--split-by", "slide", "--epochs", "1")))
+    assert "slides: train" in capsys.readouterr().out
+    stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.OUTPUTS_FORMAT)
+    assert stored["identity"]["split_by"] == "slide"
+    with pytest.raises(mpkd.UserError, match="split_by"):  # tile-split student, slide-split teacher
+        distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupted runs
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_is_bit_identical(trained, data_dir, tmp_path, monkeypatch):
+    argv = student_argv(data_dir, trained, tmp_path / "a.pt", "--multipart", "--epochs", "4")
+    distill.main(distill.get_args(argv))
+    reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
+    argv = student_argv(data_dir, trained, tmp_path / "b.pt", "--multipart", "--epochs", "4")
+    real, calls = mpkd.train_one_epoch, []
+
+    def interrupt_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mpkd, "train_one_epoch", interrupt_third)
+    with pytest.raises(mpkd.Interrupted, match="epoch 2 is saved.*--resume"):
+        distill.main(distill.get_args(argv))
+    assert mpkd.load_file(mpkd.state_path(tmp_path / "b.pt"), mpkd.STATE_FORMAT)["epoch"] == 2
+    assert not (tmp_path / "b.pt").exists()
+    with pytest.raises(mpkd.UserError, match="--resume"):  # a fresh start would throw the state away
+        distill.main(distill.get_args(argv))
+    monkeypatch.setattr(mpkd, "train_one_epoch", real)
+    distill.main(distill.get_args(argv + ["--resume"]))
+    resumed = mpkd.load_file(tmp_path / "b.pt", mpkd.CHECKPOINT_FORMAT)
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+    assert not mpkd.state_path(tmp_path / "b.pt").exists()
+
+
+def test_resume_with_other_settings_is_refused(trained, data_dir, tmp_path, monkeypatch):
+    argv = student_argv(data_dir, trained, tmp_path / "s.pt")
+    monkeypatch.setattr(mpkd, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(mpkd.Interrupted, match="no epoch had completed"):
+        distill.main(distill.get_args(argv))
+    # no state was written, so the run can only start over; now leave a state behind on purpose
+    mpkd.save_atomic({"format": mpkd.STATE_FORMAT, "args": vars(distill.get_args(argv + ["--resume"])),
+                      "identity": mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)["identity"]},
+                     mpkd.state_path(tmp_path / "s.pt"))
+    with pytest.raises(mpkd.UserError, match="seed: found 1, expected 0"):
+        distill.main(distill.get_args(argv + ["--resume", "--seed", "1"]))
+    with pytest.raises(mpkd.UserError, match="img_size"):
+        distill.main(distill.get_args(argv + ["--resume", "--img-size", "48"]))
+
+
+def _script(name, *argv, cwd):
+    return subprocess.Popen([sys.executable, str(HERE / name), *map(str, argv)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir, tmp_path):
+    argv = ["--data", data_dir, "--no-pretrained", "--epochs", "6", "--save-every", "2", *FAST]
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    ref = _script("train_teacher.py", *argv, cwd=tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    rng, kills, code = random.Random(7), 0, None
+    first = _script("train_teacher.py", *argv, cwd=tmp_path / "run")
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "teacher.state.pt").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)  # Ctrl-C in training: keeps the last completed epoch, says how to resume
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "--resume" in err and "Traceback" not in err
+    while code != 0:
+        proc = _script("train_teacher.py", *argv, "--resume", cwd=tmp_path / "run")
+        if kills < 5:
+            try:
+                code = proc.wait(timeout=rng.uniform(2.5, 6))
+            except subprocess.TimeoutExpired:
+                proc.kill()  # SIGKILL: no handler runs, only the last atomic save survives
+                proc.wait()
+                kills += 1
+                continue
+        code = proc.wait(timeout=300)
+        assert code == 0, proc.stderr.read()
+    a = {n: torch.load(tmp_path / "ref" / n, weights_only=True) for n in ("teacher.pt", "teacher_logits.pt")}
+    b = {n: torch.load(tmp_path / "run" / n, weights_only=True) for n in ("teacher.pt", "teacher_logits.pt")}
+    assert all(torch.equal(b["teacher.pt"]["state_dict"][k], v) for k, v in a["teacher.pt"]["state_dict"].items())
+    assert sorted(b["teacher_logits.pt"]["outputs"]) == [2, 4, 6]
+    assert all(torch.equal(b["teacher_logits.pt"]["outputs"][e], v) for e, v in a["teacher_logits.pt"]["outputs"].items())
+    logs = [[json.loads(x) for x in (tmp_path / d / "teacher.log.jsonl").read_text().splitlines()] for d in ("ref", "run")]
+    assert without_timing(logs[0]) == without_timing(logs[1]) and len(logs[1]) == 6
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "teacher.state.pt").exists()
+
+
+def test_atomic_save_leaves_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    path = tmp_path / "x.pt"
+    mpkd.save_atomic({"format": "a", "v": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        mpkd.save_atomic({"format": "b"}, path)
+    assert torch.load(path, weights_only=True)["format"] == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: one clear line, exit status 2, nothing overwritten
+
+
+def test_bad_input_from_the_command_line_is_one_line_and_exit_status_2(tmp_path):
+    proc = _script("train_teacher.py", "--data", tmp_path / "nowhere", cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and "does not exist" in err
+    proc = _script("evaluate.py", tmp_path / "nothing.pt", "--data", tmp_path, cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: (d / "file.txt").write_text("x") and d / "file.txt", "not a folder"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "at least two class folders"),
+    (lambda d: make_dataset(d / "one", classes=1), "at least two class folders"),
+])
+def test_bad_data_folders(tmp_path, make, match):
+    with pytest.raises(mpkd.UserError, match=match):
+        train_teacher.main(train_teacher.get_args(teacher_argv(make(tmp_path), tmp_path)))
+
+
+def test_class_folder_without_images_and_undecodable_image(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=2, per_class=3)
+    (root / "03_NOTHING").mkdir()
+    (root / "03_NOTHING" / "notes.txt").write_text("no images here")
+    with pytest.raises(mpkd.UserError, match="03_NOTHING holds no images"):
+        train_teacher.main(train_teacher.get_args(teacher_argv(root, tmp_path)))
+    (root / "03_NOTHING").joinpath("notes.txt").unlink()
+    (root / "03_NOTHING").rmdir()
+    data = mpkd.load_dataset(root, 32, "tile", 0, 0.2, 0.2)
+    broken = data["files"][data["split"]["train"][0]]
+    (root / broken).write_bytes(b"II*\x00 not really a tiff")
+    with pytest.raises(mpkd.UserError, match=f"cannot decode image .*{Path(broken).name}"):
+        train_teacher.main(train_teacher.get_args(teacher_argv(root, tmp_path)))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--save-every", "0"], "--save-every 0"), (["--save-every", "3"], "--save-every 3"),
+    (["--epochs", "0"], "--epochs 0"), (["--batch-size", "-1"], "--batch-size -1"),
+    (["--lr", "0"], "--lr 0"), (["--img-size", "16"], "--img-size 16"),
+])
+def test_bad_teacher_settings(data_dir, tmp_path, extra, match):
+    with pytest.raises(mpkd.UserError, match=match):
+        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, *extra)))
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--temperature", "0"], "--temperature 0"), (["--distill-weight", "1.5"], "--distill-weight 1.5"),
+    (["--distill-weight", "-0.1"], "--distill-weight -0.1"), (["--anchors", "2,9"], r"\[9\]"),
+])
+def test_bad_student_settings(trained, data_dir, tmp_path, extra, match):
+    with pytest.raises(mpkd.UserError, match=match):
+        distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt", *extra)))
+
+
+def test_missing_truncated_and_foreign_teacher_files(trained, data_dir, tmp_path):
+    argv = lambda name: student_argv(data_dir, trained, tmp_path / "s.pt", "--teacher-logits", str(name))
+    with pytest.raises(mpkd.UserError, match="does not exist"):
+        distill.main(distill.get_args(argv(tmp_path / "none.pt")))
+    blob = (trained / "teacher_logits.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(mpkd.UserError, match="corrupt"):
+        distill.main(distill.get_args(argv(tmp_path / "cut.pt")))
+    with pytest.raises(mpkd.UserError, match="not a mpkd-teacher-outputs"):
+        distill.main(distill.get_args(argv(trained / "teacher.pt")))
+    for extra, match in [(["--split-seed", "1"], "train_fingerprint"), (["--img-size", "48"], "img_size")]:
+        with pytest.raises(mpkd.UserError, match=match):
+            distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt", *extra)))
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_evaluate_refuses_other_classes_networks_and_non_checkpoints(trained, data_dir, tmp_path):
+    other = make_dataset(tmp_path / "other", classes=3)
+    with pytest.raises(mpkd.UserError, match="classes"):
+        evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), "--data", str(other), "--device", "cpu"]))
+    ckpt = torch.load(trained / "teacher.pt", weights_only=True)
+    ckpt["model"] = "mixnet_s"
+    torch.save(ckpt, tmp_path / "wrong.pt")
+    with pytest.raises(mpkd.UserError, match="do not fit mixnet_s"):
+        evaluate.main(evaluate.get_args([str(tmp_path / "wrong.pt"), "--data", str(data_dir), "--device", "cpu"]))
+    with pytest.raises(mpkd.UserError, match="not a mpkd-checkpoint"):
+        evaluate.main(evaluate.get_args([str(trained / "teacher_logits.pt"), "--data", str(data_dir), "--device", "cpu"]))
+
+
+def test_unwritable_output_is_refused_before_training(data_dir, tmp_path):
+    with pytest.raises(mpkd.UserError, match="does not exist"):
+        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path) + ["--out", str(tmp_path / "no" / "t.pt")]))
+    (tmp_path / "adir.pt").mkdir()
+    with pytest.raises(mpkd.UserError, match="not a writable"):
+        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path) + ["--logits-out", str(tmp_path / "adir.pt")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.pt"]
+
+
+def test_non_finite_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_state(data_dir, tmp_path, monkeypatch):
+    good = tmp_path / "teacher.pt"
+    good.write_bytes(b"an earlier good teacher")
+    real, calls = mpkd.kd_loss, []
+
+    def nan_on_fifth(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(mpkd, "kd_loss", nan_on_fifth)  # 3 batches per epoch: call 5 is epoch 2, batch 2
+    with pytest.raises(mpkd.UserError, match="epoch 2, batch 2; epoch 1 is kept"):
+        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--epochs", "3")))
+    assert mpkd.load_file(mpkd.state_path(good), mpkd.STATE_FORMAT)["epoch"] == 1
+    assert good.read_bytes() == b"an earlier good teacher"
+
+
+def test_missing_default_data_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mpkd, "KATHER_URL", "http://127.0.0.1:9/Kather_texture_2016_image_tiles_5000.zip")
+    with pytest.raises(mpkd.UserError, match="zenodo.org/record/53169.*--data"):
+        train_teacher.main(train_teacher.get_args(["--no-pretrained", "--device", "cpu"]))
+
+
+def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
+    # HF_HUB_OFFLINE makes the hub fail at once, as it does (after retries) on a machine with no network.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "train_teacher.py"), "--data", str(data_dir), "--pretrained", *FAST],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "could not fetch ImageNet weights for mixnet_l" in proc.stderr
+    assert "--no-pretrained" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(mpkd.UserError, match="not a timm model"):
+        mpkd.build_mixnet("no_such_net", 8, pretrained=False)
