@@ -496,13 +496,18 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move a model to `device`, channels_last on CUDA (faster depthwise convs), unchanged on CPU."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    """Move a model to `device` in channels_last layout: MixNet's depthwise and pointwise convs are
+    faster so on CUDA, and on the CPU too (training steps 1.6x faster, measured, see README)."""
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def eval_batch(device: torch.device) -> int:
+    """Batch size of inference passes: large on a GPU; on a CPU small batches stay in cache (faster)."""
+    return 500 if device.type == "cuda" else 64
 
 
 def _sync(device: torch.device) -> None:
@@ -625,12 +630,12 @@ def format_record(r: dict) -> str:
 
 
 @torch.inference_mode()
-def predict(model, images: torch.Tensor, amp: bool, flip: bool = False, batch_size: int = 500) -> torch.Tensor:
+def predict(model, images: torch.Tensor, amp: bool, flip: bool = False) -> torch.Tensor:
     """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on their device."""
     model.eval()
-    outs = []
-    for first in range(0, len(images), batch_size):
-        x = images[first:first + batch_size]
+    outs, batch = [], eval_batch(images.device)
+    for first in range(0, len(images), batch):
+        x = images[first:first + batch]
         with autocast(images.device, amp):
             outs.append(model(_layout(normalise(x.flip(3) if flip else x))).float())
     return torch.cat(outs)
@@ -704,13 +709,13 @@ def _median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> floa
 
 
 def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch: int,
-              big_batch: int = 256, repeats: int = 20) -> dict:
-    """Batch-1 latency (median ms), large-batch inference images/s, and images/s of bare training
+              repeats: int = 20) -> dict:
+    """Batch-1 latency (median ms), inference images/s at eval_batch(), and images/s of bare training
     steps (forward, backward, Adam) on a resident batch: the floor against which an epoch's data
     overhead is measured. Works on a copy; `model` is left as it was."""
     import copy
 
-    model = to_device(copy.deepcopy(model), device).eval()
+    model, big_batch = to_device(copy.deepcopy(model), device).eval(), eval_batch(device)
     one = _layout(torch.randn(1, 3, img_size, img_size, device=device))
     big = _layout(torch.randn(big_batch, 3, img_size, img_size, device=device))
     with torch.inference_mode(), autocast(device, amp):
