@@ -443,7 +443,10 @@ def open_state(args: dict, data_identity: dict) -> dict | None:
             raise UserError(f"an interrupted run left {path}: add --resume to continue it, or delete it to start over")
         return None
     if not path.exists():
-        return None
+        if Path(args["out"]).exists():  # a finished run: never silently train it again
+            raise UserError(f"nothing to resume: {args['out']} is complete and {path} does not exist; "
+                            f"run without --resume to train again")
+        return None  # killed before its first epoch ended: start from epoch 1
     state = load_file(path, STATE_FORMAT)
     differ = mismatches(state["args"], args, skip=RESUME_FREE_ARGS) + mismatches(state["identity"], data_identity)
     if differ:

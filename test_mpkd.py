@@ -375,6 +375,8 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_is_bit_identical(trained, data_d
     assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
     assert without_timing(resumed["history"]) == without_timing(reference["history"])
     assert not mpkd.state_path(tmp_path / "b.pt").exists()
+    with pytest.raises(mpkd.UserError, match="nothing to resume"):  # complete: not trained again
+        distill.main(distill.get_args(argv + ["--resume"]))
 
 
 def test_resume_with_other_settings_is_refused(trained, data_dir, tmp_path, monkeypatch):
@@ -397,13 +399,23 @@ def _script(name, *argv, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_for_new_state(proc, path):
+    """Wait until `proc` has saved a new epoch state; False if it exited first."""
+    before = path.stat().st_mtime_ns if path.exists() else None
+    while proc.poll() is None:
+        if path.exists() and path.stat().st_mtime_ns != before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir, tmp_path):
     argv = ["--data", data_dir, "--no-pretrained", "--epochs", "6", "--save-every", "2", *FAST]
     (tmp_path / "ref").mkdir()
     (tmp_path / "run").mkdir()
     ref = _script("train_teacher.py", *argv, cwd=tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    rng, kills, code = random.Random(7), 0, None
+    rng, kills = random.Random(7), 0
     first = _script("train_teacher.py", *argv, cwd=tmp_path / "run")
     deadline = time.time() + 120
     while not (tmp_path / "run" / "teacher.state.pt").exists() and first.poll() is None and time.time() < deadline:
@@ -411,18 +423,19 @@ def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir,
     first.send_signal(signal.SIGINT)  # Ctrl-C in training: keeps the last completed epoch, says how to resume
     _, err = first.communicate(timeout=60)
     assert first.returncode == 130 and "--resume" in err and "Traceback" not in err
-    while code != 0:
+    state = tmp_path / "run" / "teacher.state.pt"
+    done = lambda: (tmp_path / "run" / "teacher.pt").exists() and not state.exists()
+    while not done():  # (a kill can land after the run completed and before the process exited)
         proc = _script("train_teacher.py", *argv, "--resume", cwd=tmp_path / "run")
-        if kills < 5:
-            try:
-                code = proc.wait(timeout=rng.uniform(2.5, 6))
-            except subprocess.TimeoutExpired:
+        if kills < 5 and _wait_for_new_state(proc, state):
+            time.sleep(rng.uniform(0, 0.4))  # somewhere in the next epoch, its save, or the final writes
+            if proc.poll() is None:
                 proc.kill()  # SIGKILL: no handler runs, only the last atomic save survives
                 proc.wait()
                 kills += 1
                 continue
-        code = proc.wait(timeout=300)
-        assert code == 0, proc.stderr.read()
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert kills >= 1
     a = {n: torch.load(tmp_path / "ref" / n, weights_only=True) for n in ("teacher.pt", "teacher_logits.pt")}
     b = {n: torch.load(tmp_path / "run" / n, weights_only=True) for n in ("teacher.pt", "teacher_logits.pt")}
     assert all(torch.equal(b["teacher.pt"]["state_dict"][k], v) for k, v in a["teacher.pt"]["state_dict"].items())
