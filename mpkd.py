@@ -264,9 +264,9 @@ def normalise(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.T
     x = images.float().div_(255)
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+        x[:, c].sub_(mean).div_(std)  # Python scalars: no host-to-device copy, so no sync per batch
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,8 +415,13 @@ def check_writable(*paths: str | Path) -> None:
         folder = Path(path).parent
         if not folder.is_dir():
             raise UserError(f"cannot write {path}: folder {folder} does not exist")
-        if Path(path).is_dir() or not os.access(folder, os.W_OK):
-            raise UserError(f"cannot write {path}: not a writable file location")
+        if Path(path).is_dir():
+            raise UserError(f"cannot write {path}: it is a folder")
+        try:  # a real write: permissions, read-only mounts and full quotas all show up here
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise UserError(f"cannot write {path}: folder {folder} is not writable ({err.strerror})") from None
 
 
 def state_path(out: str | Path) -> Path:
@@ -567,7 +572,7 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
     returns fields for the log. Returns {"history": [...], "extra": {...}}.
     """
     device = train["images"].device
-    opt = torch.optim.Adam(model.parameters(), lr=args["lr"])
+    opt = torch.optim.Adam(model.parameters(), lr=args["lr"], fused=device.type == "cuda")  # one kernel on CUDA
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args["step_size"], gamma=args["gamma"])
     gen = torch.Generator().manual_seed(args["seed"])  # shuffling and flips, saved with the state
     run = {"history": [], "extra": {}, "epoch": 0}
