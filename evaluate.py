@@ -71,13 +71,14 @@ def table_lines(rows, summary, paired):
     """Table II, per checkpoint; then mean +- std per method where there are several seeds."""
     bench = all("benchmark" in r for r in rows)
     head = f"{'Method':<15}{'Network':<10}{'Acc (%)':>9}{'Params (M)':>12}{'Size (MB)':>11}"
-    head += f"{'Latency (ms)':>14}{'Img/s':>10}{'Train img/s':>13}" if bench else ""
+    head += f"{'Latency (ms)':>14}{'Img/s':>10}{'Train img/s':>13}{'KD/CE':>7}" if bench else ""
     lines = [head + "  Checkpoint"]
     for r in rows:
         line = f"{r['method']:<15}{r['network']:<10}{r['accuracy']:>9.2f}{r['params_m']:>12.2f}{r['size_mb']:>11.3f}"
         if bench:
             b = r["benchmark"]
-            line += f"{b['latency_ms']:>14.2f}{b['throughput']:>10.1f}{b['train_step_images_per_s']:>13.1f}"
+            line += (f"{b['latency_ms']:>14.2f}{b['throughput']:>10.1f}{b['train_step_images_per_s']:>13.1f}"
+                     f"{b['kd_step_images_per_s'] / b['train_step_images_per_s']:>7.3f}")
         lines.append(line + f"  {r['checkpoint']}")
     if any(s["n"] > 1 for s in summary):
         lines += ["", f"{'Method':<15}{'Network':<10}{'Acc (%) mean +- std':>22}{'n':>4}{'Params (M)':>12}{'Size (MB)':>11}"]

@@ -523,6 +523,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.inference_mode()
+def predict(model, images: torch.Tensor, amp: bool, flip: bool = False) -> torch.Tensor:
+    """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on their device."""
+    model.eval()
+    outs, batch = [], eval_batch(images.device)
+    for first in range(0, len(images), batch):
+        x = images[first:first + batch]
+        with autocast(images.device, amp):
+            outs.append(model(_layout(normalise(x.flip(3) if flip else x))).float())
+    return torch.cat(outs)
+
+
+def teacher_outputs(model, images: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Stored teacher outputs (N, 2, C) on the CPU: [:, 0] the image's logits, [:, 1] its mirror's."""
+    return torch.stack([predict(model, images, amp), predict(model, images, amp, flip=True)], dim=1).cpu()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100 * (logits.argmax(1) == labels).float().mean().item()
+
+
 def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generator, amp: bool,
                     targets: torch.Tensor | None, temperature: float, distill_weight: float) -> dict:
     """One pass over `part` in a seeded random order with seeded flips; `targets` (N, 2, C) are the
@@ -562,6 +584,19 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
             "images_per_s": seen / seconds, "train_seconds": seconds, "bad_batch": bad if bad > 0 else None}
 
 
+def format_record(r: dict) -> str:
+    """The printed form of one epoch's log record."""
+    parts = [f"epoch {r['epoch']:3d}", f"loss {r['loss']:.4f}", f"train {r['train_acc']:6.2f}%"]
+    if "val_acc" in r:
+        parts.append(f"val {r['val_acc']:6.2f}%")
+    if "teacher_epoch" in r:
+        parts.append(f"target teacher@{r['teacher_epoch']}")
+    if "outputs_seconds" in r:
+        parts.append(f"outputs stored {r['outputs_seconds']:.1f}s")
+    parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
+    return " | ".join(parts)
+
+
 def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict | None = None,
         targets_for=None, after_epoch=None, say=lambda line: None) -> dict:
     """The epoch loop shared by teacher and student: Adam + StepLR as in the paper, per-epoch log
@@ -597,8 +632,8 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
                 kept = f"epoch {run['epoch']} is kept in {spath}" if run["epoch"] else "no epoch had completed"
                 raise UserError(f"the loss became NaN or infinite in epoch {epoch + 1}, batch {bad}; {kept} "
                                 f"(try a lower --lr)")
+            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}  # the rate this epoch used
             sched.step()
-            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
             if len(val["labels"]):
                 record["val_acc"] = accuracy(predict(model, val["images"], args.get("amp", False)), val["labels"])
             if after_epoch:
@@ -620,43 +655,8 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
     return run
 
 
-def format_record(r: dict) -> str:
-    """The printed form of one epoch's log record."""
-    parts = [f"epoch {r['epoch']:3d}", f"loss {r['loss']:.4f}", f"train {r['train_acc']:6.2f}%"]
-    if "val_acc" in r:
-        parts.append(f"val {r['val_acc']:6.2f}%")
-    if "teacher_epoch" in r:
-        parts.append(f"target teacher@{r['teacher_epoch']}")
-    if "outputs_seconds" in r:
-        parts.append(f"outputs stored {r['outputs_seconds']:.1f}s")
-    parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
-    return " | ".join(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation
-
-
-@torch.inference_mode()
-def predict(model, images: torch.Tensor, amp: bool, flip: bool = False) -> torch.Tensor:
-    """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on their device."""
-    model.eval()
-    outs, batch = [], eval_batch(images.device)
-    for first in range(0, len(images), batch):
-        x = images[first:first + batch]
-        with autocast(images.device, amp):
-            outs.append(model(_layout(normalise(x.flip(3) if flip else x))).float())
-    return torch.cat(outs)
-
-
-def teacher_outputs(model, images: torch.Tensor, amp: bool) -> torch.Tensor:
-    """Stored teacher outputs (N, 2, C) on the CPU: [:, 0] the image's logits, [:, 1] its mirror's."""
-    return torch.stack([predict(model, images, amp), predict(model, images, amp, flip=True)], dim=1).cpu()
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return 100 * (logits.argmax(1) == labels).float().mean().item()
 
 
 def classification_report(y_true: list[int], y_pred: list[int], num_classes: int) -> dict:
@@ -704,45 +704,52 @@ def kd_method(distill_weight: float, anchors: list[int]) -> str:
     return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"
 
 
-def _median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
+def _median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Median wall time of each function, the functions taking turns (A B B A ...) so drift cancels."""
+    times = [[] for _ in fns]
+    for i in range(warmup + repeats * len(fns)):
+        k = i % len(fns) if (i // len(fns)) % 2 == 0 else len(fns) - 1 - i % len(fns)
         _sync(device)
         start = time.perf_counter()
-        fn()
+        fns[k]()
         _sync(device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
+            times[k].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch: int,
               repeats: int = 20) -> dict:
     """Batch-1 latency (median ms), inference images/s at eval_batch(), and images/s of bare training
-    steps (forward, backward, Adam) on a resident batch: the floor against which an epoch's data
-    overhead is measured. Works on a copy; `model` is left as it was."""
+    steps (forward, backward, Adam) on a resident batch, with the cross-entropy alone and with the
+    KD loss of stored teacher logits, taking turns: the floor against which an epoch's data overhead
+    is measured, and the cost of the KD term. Works on a copy; `model` is left as it was."""
     import copy
 
     model, big_batch = to_device(copy.deepcopy(model), device).eval(), eval_batch(device)
     one = _layout(torch.randn(1, 3, img_size, img_size, device=device))
     big = _layout(torch.randn(big_batch, 3, img_size, img_size, device=device))
     with torch.inference_mode(), autocast(device, amp):
-        latency = _median_seconds(lambda: model(one), device, repeats, warmup=5)
-        batch_s = _median_seconds(lambda: model(big), device, max(3, repeats // 4), warmup=2)
+        latency, = _median_seconds([lambda: model(one)], device, repeats, warmup=5)
+        batch_s, = _median_seconds([lambda: model(big)], device, max(3, repeats // 4), warmup=2)
+        num_classes = model(one).shape[1]
     x = _layout(torch.randn(train_batch, 3, img_size, img_size, device=device))
-    y = torch.randint(0, 2, (train_batch,), device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    y = torch.randint(0, num_classes, (train_batch,), device=device)
+    teacher = torch.randn(train_batch, num_classes, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     model.train()
 
-    def step():
+    def step(distill_weight):
         with autocast(device, amp):
-            loss = F.cross_entropy(model(x).float(), y)
+            logits = model(x)
+        loss = kd_loss(logits, teacher, y, 5.0, distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step_s = _median_seconds(step, device, max(3, repeats // 2), warmup=3)
-    return {"latency_ms": 1000 * latency, "throughput": big_batch / batch_s, "train_step_images_per_s": train_batch / step_s}
+    ce_s, kd_s = _median_seconds([lambda: step(0.0), lambda: step(0.5)], device, max(3, repeats // 2), warmup=3)
+    return {"latency_ms": 1000 * latency, "throughput": big_batch / batch_s,
+            "train_step_images_per_s": train_batch / ce_s, "kd_step_images_per_s": train_batch / kd_s}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
