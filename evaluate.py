@@ -3,7 +3,7 @@
     python evaluate.py teacher.pt alone.pt vanilla.pt student.pt
     python evaluate.py student.pt --predictions student_predictions.csv   # + per-class report
     python evaluate.py teacher.pt student.pt --benchmark                   # + latency and throughput
-    python evaluate.py runs/seed*/*.pt --json table.json                   # several seeds: mean +- std
+    python evaluate.py runs/seed*/{teacher,alone,vanilla,mpkd}.pt          # several seeds: mean +- std
 
 Each checkpoint carries its network, classes, image size and split settings, so only --data is
 needed; a checkpoint whose classes or training files do not match --data is refused.

@@ -594,3 +594,18 @@ def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(mpkd.UserError, match="not a timm model"):
         mpkd.build_mixnet("no_such_net", 8, pretrained=False)
+
+
+def test_benchmark_reports_every_figure_and_leaves_the_model_alone():
+    model = mpkd.build_mixnet("mixnet_s", 3, pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = mpkd.benchmark(model, 32, torch.device("cpu"), amp=False, train_batch=4, repeats=2)
+    assert set(result) == {"latency_ms", "throughput", "train_step_images_per_s", "kd_step_images_per_s"}
+    assert all(v > 0 and math.isfinite(v) for v in result.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_timed_turns_alternate_so_that_drift_cancels():
+    order = []
+    mpkd._median_seconds([lambda: order.append("A"), lambda: order.append("B")], torch.device("cpu"), 4, 0)
+    assert "".join(order) == "ABBAABBA"
