@@ -12,6 +12,7 @@ order: errors, data, models, losses, schedule, files, training, evaluation.
 """
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -724,8 +725,6 @@ def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch
     steps (forward, backward, Adam) on a resident batch, with the cross-entropy alone and with the
     KD loss of stored teacher logits, taking turns: the floor against which an epoch's data overhead
     is measured, and the cost of the KD term. Works on a copy; `model` is left as it was."""
-    import copy
-
     model, big_batch = to_device(copy.deepcopy(model), device).eval(), eval_batch(device)
     one = _layout(torch.randn(1, 3, img_size, img_size, device=device))
     big = _layout(torch.randn(big_batch, 3, img_size, img_size, device=device))
