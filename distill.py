@@ -1,11 +1,11 @@
 """Train the student (MixNet-S, from scratch): alone, with vanilla KD, or with Multi-Part KD.
 
-    python distill.py --multipart                      # Multi-Part KD: teacher epochs 5, 10, ..., 50 in turn
-    python distill.py --out vanilla.pt                 # vanilla KD: the teacher's last stored epoch only
-    python distill.py --distill-weight 0 --out alone.pt  # the student alone; needs no teacher file
-    python distill.py --anchors 5,15,30,50 --out anchors.pt  # chosen teacher epochs, spread evenly
+    python distill.py --multipart                 # Multi-Part KD: teacher epochs 5, 10, ..., 50
+    python distill.py --out vanilla.pt            # vanilla KD: the last stored teacher epoch only
+    python distill.py --distill-weight 0 --out alone.pt       # the student alone: no teacher file
+    python distill.py --anchors 5,15,30,50 --out anchors.pt   # chosen stored epochs, spread evenly
 
-The KD target of every image is the stored teacher output for exactly the view (plain or mirrored)
+The KD target of every image is the stored teacher logits of exactly the view (plain or mirrored)
 the student is trained on, so no teacher runs during distillation. Writes student.pt and
 student.log.jsonl; a killed run continues with the same command plus --resume.
 """
@@ -19,38 +19,53 @@ import mpkd
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=mpkd.DEFAULT_DATA, help="folder of class folders (downloaded if it is the default and missing)")
-    p.add_argument("--teacher-logits", default="teacher_logits.pt", help="stored teacher outputs from train_teacher.py")
+    p.add_argument("--data", default=mpkd.DEFAULT_DATA,
+                   help="folder of class folders (downloaded if it is the default and missing)")
+    p.add_argument("--teacher-logits", default="teacher_logits.pt",
+                   help="the stored teacher logits written by train_teacher.py")
     p.add_argument("--out", default="student.pt", help="student checkpoint")
     p.add_argument("--model", default="mixnet_s", help="timm model name of the student")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights")
-    p.add_argument("--multipart", action="store_true", help="follow every stored teacher epoch in turn (else: the last only)")
-    p.add_argument("--anchors", default=None, help="comma-separated stored teacher epochs to follow, e.g. 5,15,30,50")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="start from ImageNet weights")
+    p.add_argument("--multipart", action="store_true",
+                   help="follow every stored teacher epoch in turn (else: the last only)")
+    p.add_argument("--anchors", default=None,
+                   help="comma-separated stored teacher epochs to follow, e.g. 5,15,30,50")
     p.add_argument("--temperature", type=float, default=5.0, help="softmax temperature T of the KD term")
-    p.add_argument("--distill-weight", type=float, default=0.5, help="w in (1-w)*CE + w*T^2*KL; 0 trains the student alone")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="w in (1-w)*CE + w*T^2*KL; 0 trains the student alone")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
-    p.add_argument("--img-size", type=int, default=112, help="images are resized to this square size (at least 32)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (the paper says 64 and 128; 64 is used)")
+    # The flags below are the same in train_teacher.py (test_shared_flags_agree_between_the_training_scripts).
+    p.add_argument("--img-size", type=int, default=112,
+                   help="images are resized to this square size (at least 32)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="batch size (the paper says 64 and 128; 64 is used)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--step-size", type=int, default=5, help="StepLR: multiply the learning rate by --gamma every this many epochs")
+    p.add_argument("--step-size", type=int, default=5,
+                   help="StepLR: multiply the learning rate by --gamma every this many epochs")
     p.add_argument("--gamma", type=float, default=0.5, help="StepLR factor")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, shuffling and flips")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (must match the teacher's)")
-    p.add_argument("--split-by", choices=("tile", "slide"), default="tile", help="split tiles at random (paper) or by source slide")
-    p.add_argument("--test-frac", type=float, default=0.2, help="fraction of every class held out for testing")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/val/test split (teacher and students must agree)")
+    p.add_argument("--split-by", choices=("tile", "slide"), default="tile",
+                   help="split tiles at random (paper) or by source slide")
+    p.add_argument("--test-frac", type=float, default=0.2,
+                   help="fraction of every class held out for testing")
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of the rest used for validation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (no-op on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (no-op on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its saved state")
     return p.parse_args(argv)
 
 
-def teacher_targets(args, identity):
-    """The stored teacher outputs and the teacher epochs to follow, or (None, []) for the student alone."""
+def teacher_anchors(args, identity):
+    """The stored teacher logits and the stored epochs to follow, or (None, []) for the student alone."""
     if args.distill_weight == 0:
         return None, []
-    stored = mpkd.teacher_outputs_file(args.teacher_logits, identity)["outputs"]
+    stored = mpkd.load_teacher_logits(args.teacher_logits, identity)["logits"]
     if args.anchors:
         return stored, mpkd.parse_anchors(args.anchors, list(stored))
     if args.multipart and len(stored) == 1:
@@ -64,26 +79,31 @@ def main(args):
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
-    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed, args.test_frac, args.val_frac)
+    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed,
+                             args.test_frac, args.val_frac)
     state = mpkd.open_state(config, data["identity"])
-    stored, anchors = teacher_targets(args, data["identity"])
+    stored, anchors = teacher_anchors(args, data["identity"])
     method = mpkd.kd_method(args.distill_weight, anchors)
-    schedule = mpkd.checkpoint_schedule(args.epochs, anchors) if anchors else None
+    schedule = mpkd.teacher_schedule(args.epochs, anchors) if anchors else None
     train, val = mpkd.load_part(data, "train", device), mpkd.load_part(data, "val", device)
     if stored is not None:
         stored = {epoch: stored[epoch].to(device) for epoch in anchors}  # (N_train, 2, C) each
         if len(stored[anchors[0]]) != len(train["labels"]):
-            raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training images, the split has {len(train['labels'])}")
+            raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training "
+                                 f"images, the split has {len(train['labels'])}")
     mpkd.seed_everything(args.seed)
-    model = mpkd.to_device(mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None), device)
-    print(f"{method}: student {args.model}, {mpkd.count_params(model) / 1e6:.2f}M parameters, "
-          f"{len(train['labels'])} training images on {device}"
-          + (f"; teacher epochs per student epoch: {schedule}" if schedule else ""))
+    model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None)
+    model = mpkd.to_device(model, device)
+    followed = f"; teacher epoch followed in each student epoch: {schedule}" if schedule else ""
+    print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
+          f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
+          f"on {device}{followed}")
     run = mpkd.fit(model, train, val, config, data["identity"], state,
-                   targets_for=(lambda e: stored[schedule[e]]) if schedule else None,
-                   after_epoch=(lambda done, m, extra: {"teacher_epoch": schedule[done - 1]}) if schedule else None,
-                   say=print)
-    mpkd.save_atomic(mpkd.make_checkpoint(model, config, data["identity"], method, run["history"]), args.out)
+                   teacher_logits_for=(lambda e: stored[schedule[e]]) if schedule else None,
+                   after_epoch=(lambda done, m, extra: {"teacher_epoch": schedule[done - 1]})
+                   if schedule else None, say=print)
+    checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
+    mpkd.save_atomic(checkpoint, args.out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(f"wrote {args.out} ({method})")
 

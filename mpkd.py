@@ -1,18 +1,18 @@
 """Multi-Part Knowledge Distillation (MPKD) for colorectal cancer histology: the functional core.
 
-A MixNet-L teacher is trained and its outputs on the training set are stored every few epochs. A
-MixNet-S student is then trained with cross-entropy plus a temperature-softened KD term whose target
-follows the stored teacher outputs interval by interval: with 50 student epochs and outputs stored
-at teacher epochs 5, 10, ..., 50, student epochs 0-4 learn from the teacher at epoch 5, epochs 5-9
-from epoch 10, and so on. Vanilla KD uses only the final teacher.
+A MixNet-L teacher is trained and its logits on the training set are stored every few epochs (the
+*stored epochs*). A MixNet-S student is then trained with cross-entropy plus a temperature-softened
+KD term whose target follows the stored teacher logits interval by interval: with 50 student epochs
+and logits stored at teacher epochs 5, 10, ..., 50, student epochs 0-4 learn from the teacher at
+epoch 5, epochs 5-9 from epoch 10, and so on. Vanilla KD uses only the final teacher.
 
 The scripts `train_teacher.py`, `distill.py` and `evaluate.py` are thin argparse wrappers around
-this module; a user who copies one script and this file has everything. Sections, in dependency
-order: errors, data, models, losses, schedule, files, training, evaluation.
+this module; a user who copies one script and this file has everything. Sections, top to bottom:
+the method (KD loss and schedule), models, data, training, checkpoints, and last the run machinery
+(settings checks, atomic files, resumable state, the teacher logits file).
 """
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
@@ -37,15 +37,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 SLIDE_PATTERN = re.compile(r"CRC-Prim-HE-\d+")  # Kather 2016 names carry their source slide
 NETWORK_NAMES = {"mixnet_s": "MixNet-S", "mixnet_m": "MixNet-M", "mixnet_l": "MixNet-L"}
-CHECKPOINT_FORMAT = "mpkd-checkpoint/1"
-OUTPUTS_FORMAT = "mpkd-teacher-outputs/1"
-STATE_FORMAT = "mpkd-state/1"
-METHODS = ("teacher", "student", "vanilla KD", "Multi-Part KD")  # Table II's rows, in order
+CHECKPOINT_FORMAT = "mpkd-checkpoint/1"  # a checkpoint is a model file and nothing else
+LOGITS_FORMAT = "mpkd-teacher-logits/2"  # the stored teacher logits, keyed by stored epoch
+OLD_LOGITS_FORMAT = "mpkd-teacher-outputs/1"  # the same content under its earlier names; still read
+STATE_FORMAT = "mpkd-state/2"
+METHODS = ("teacher", "student alone", "vanilla KD", "Multi-Part KD")  # Table II's rows, in order
 RESUME_FREE_ARGS = ("resume", "device", "compile")  # may change between a run and its resume
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors
 
 
 class UserError(Exception):
@@ -56,25 +53,96 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training: the state of the last completed epoch is kept for --resume."""
 
 
-def check_settings(args: dict) -> None:
-    """Refuse out-of-range settings before any time is spent; `args` is vars(argparse args)."""
-    rules = [
-        ("epochs", lambda v: v > 0, "must be positive"),
-        ("batch_size", lambda v: v > 0, "must be positive"),
-        ("lr", lambda v: v > 0 and math.isfinite(v), "must be positive"),
-        ("step_size", lambda v: v > 0, "must be positive"),
-        ("gamma", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-        ("img_size", lambda v: v >= 32, "must be at least 32 (MixNet downsamples 32 times)"),
-        ("temperature", lambda v: v > 0 and math.isfinite(v), "must be positive"),
-        ("distill_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        ("test_frac", lambda v: 0 < v < 1, "must be in (0, 1)"),
-        ("val_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ]
-    for name, ok, why in rules:
-        if name in args and not ok(args[name]):
-            raise UserError(f"--{name.replace('_', '-')} {args[name]} {why}")
-    if "save_every" in args and not 0 < args["save_every"] <= args["epochs"]:
-        raise UserError(f"--save-every {args['save_every']} must be between 1 and --epochs {args['epochs']}")
+# ----------------------------------------------------------------------------------------------
+# The method: the KD loss (Hinton et al. 2015; the paper's eq. 3 and 4) and the schedule that
+# decides which stored teacher epoch the student follows in each of its epochs (Multi-Part KD).
+
+
+def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) over the class dimension: (B, C) -> (B, C)."""
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, distill_weight: float) -> torch.Tensor:
+    """(1 - w) * CE(labels, S) + w * T^2 * KL(soften(teacher, T) || soften(student, T)); a scalar.
+
+    Shapes: logits (B, C), labels (B,). Both terms are batch means (KL with reduction="batchmean",
+    computed from log-probabilities with log_target=True, which is stable for small probabilities).
+    The paper's eq. (3) softens both networks with temperature T and eq. (4) adds lambda * H(T, S)
+    to the cross-entropy; H(T, S) and KL(T || S) differ by the teacher's entropy, a constant for
+    the student, so the gradients agree. The T^2 factor (keeping the soft term's gradient scale
+    independent of T) and the (1 - w) weighting with the paper's "distill weight 0.5" follow Hinton
+    et al. (2015). w = 0 is plain cross-entropy and ignores `teacher_logits`.
+    """
+    ce = F.cross_entropy(student_logits.float(), labels)
+    if distill_weight == 0:
+        return ce
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+    return (1 - distill_weight) * ce + distill_weight * temperature**2 * kl
+
+
+def teacher_schedule(student_epochs: int, stored_epochs: list[int]) -> list[int]:
+    """For every student epoch e (0-based), the stored teacher epoch whose logits are its target.
+
+    With E student epochs and K stored epochs (ascending), epoch e follows stored epoch number
+    ceil((e + 1) * K / E) - 1: intervals as even as possible, the last student epoch always learns
+    from the final teacher, and only stored epochs are returned. 50 epochs over [5, 10, ..., 50]
+    gives [5] * 5 + [10] * 5 + ... + [50] * 5, the paper's schedule.
+    """
+    stored = sorted(set(stored_epochs))
+    if student_epochs <= 0 or not stored:
+        raise ValueError("need at least one student epoch and one stored teacher epoch")
+    k = len(stored)
+    return [stored[-((-(e + 1) * k) // student_epochs) - 1] for e in range(student_epochs)]
+
+
+def parse_anchors(text: str, stored: list[int]) -> list[int]:
+    """'5,15,30,50' -> [5, 15, 30, 50], refusing epochs that the teacher logits file does not hold."""
+    try:
+        anchors = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--anchors {text!r} must be comma-separated teacher epochs, "
+                        f"e.g. 5,15,30,50") from None
+    unknown = [a for a in anchors if a not in stored]
+    if not anchors or unknown:
+        raise UserError(f"--anchors {text}: epochs {unknown} are not stored; "
+                        f"stored epochs are {sorted(stored)}")
+    return anchors
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def build_mixnet(name: str, num_classes: int, pretrained: bool) -> torch.nn.Module:
+    """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, ImageNet weights if asked."""
+    if not timm.is_model(name):
+        raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except Exception as err:  # only the weight download can fail here: offline, hub down, proxy
+        raise UserError(
+            f"could not fetch ImageNet weights for {name} ({type(err).__name__}); connect once so timm "
+            f"can cache them, or pass --no-pretrained to train from scratch"
+        ) from None
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters (buffers such as BatchNorm statistics excluded, as in the paper)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_mb(model: torch.nn.Module) -> float:
+    """fp32 parameter bytes / 1e6: MixNet-S 10.44 MB and MixNet-L 23.218 MB with 8 classes."""
+    return count_params(model) * 4 / 1e6
+
+
+def network_name(name: str) -> str:
+    """Table II's spelling of a timm model name."""
+    return NETWORK_NAMES.get(name, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +176,8 @@ def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
         raise UserError(f"data path {root} is not a folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
-        raise UserError(f"{root} must hold at least two class folders (<class>/<image>), found {len(classes)}")
+        raise UserError(f"{root} must hold at least two class folders (<class>/<image>), "
+                        f"found {len(classes)}")
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(
@@ -123,7 +192,8 @@ def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
 
 
 def load_images(root: str | Path, files: list[str], size: int) -> torch.Tensor:
-    """Decode `files` once into a (N, 3, size, size) uint8 tensor; any mode becomes RGB, any size is resized."""
+    """Decode `files` once into a (N, 3, size, size) uint8 tensor; any mode becomes RGB, any size
+    is resized."""
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
     for i, name in enumerate(files):
         try:
@@ -143,7 +213,8 @@ def slide_ids(files: list[str]) -> list[str]:
     for name in files:
         match = SLIDE_PATTERN.search(Path(name).name)
         if match is None:
-            raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name, {name} has none")
+            raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name, "
+                            f"{name} has none")
         ids.append(match.group(0))
     return ids
 
@@ -153,7 +224,8 @@ def _take(n: int, frac: float) -> int:
     return 0 if frac == 0 or n < 2 else min(n - 1, max(1, int(n * frac + 0.5)))
 
 
-def _stratified_cut(idx: list[int], labels: list[int], frac: float, gen: torch.Generator) -> tuple[list, list]:
+def _stratified_cut(idx: list[int], labels: list[int], frac: float,
+                    gen: torch.Generator) -> tuple[list, list]:
     """Split `idx` into (taken, rest), taking `frac` of every class at random."""
     taken, rest = [], []
     for c in sorted({labels[i] for i in idx}):
@@ -174,7 +246,8 @@ def _grouped_cut(idx: list[int], labels: list[int], groups: list[str], frac: flo
     """
     names = sorted({groups[i] for i in idx})
     if len(names) < 2:
-        raise UserError(f"--split-by slide needs at least two slides on each side of a cut, found {names}")
+        raise UserError(f"--split-by slide needs at least two slides on each side of a cut, "
+                        f"found {names}")
     num_classes = max(labels) + 1
     counts = {g: np.zeros(num_classes) for g in names}
     for i in idx:
@@ -227,7 +300,7 @@ def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int
     groups = slide_ids(files) if split_by == "slide" else None
     split = split_indices(labels, test_frac, val_frac, split_seed, groups)
     train = split["train"]
-    identity = {  # everything the stored teacher outputs and checkpoints must agree on
+    identity = {  # everything the stored teacher logits and checkpoints must agree on
         "classes": classes, "img_size": img_size, "split_by": split_by, "split_seed": split_seed,
         "test_frac": test_frac, "val_frac": val_frac,
         "train_fingerprint": fingerprint([files[i] for i in train], [labels[i] for i in train]),
@@ -241,7 +314,8 @@ def load_part(data: dict, part: str, device: torch.device) -> dict:
     idx = data["split"][part]
     images = load_images(data["root"], [data["files"][i] for i in idx], data["identity"]["img_size"])
     labels = torch.tensor([data["labels"][i] for i in idx], dtype=torch.long)
-    return {"images": images.to(device), "labels": labels.to(device), "files": [data["files"][i] for i in idx]}
+    return {"images": images.to(device), "labels": labels.to(device),
+            "files": [data["files"][i] for i in idx]}
 
 
 def split_table(data: dict) -> list[str]:
@@ -255,8 +329,8 @@ def split_table(data: dict) -> list[str]:
             cells.append(f"{len(idx)}{slides}")
         lines.append(f"{name:<14}" + "".join(f"{cell:>16}" for cell in cells))
     if data["groups"]:
-        lines.append("slides: " + "; ".join(
-            f"{p} {' '.join(sorted({data['groups'][i] for i in data['split'][p]}))}" for p in ("train", "val", "test")))
+        sides = {p: sorted({data["groups"][i] for i in data["split"][p]}) for p in ("train", "val", "test")}
+        lines.append("slides: " + "; ".join(f"{p} {' '.join(names)}" for p, names in sides.items()))
     return lines
 
 
@@ -268,205 +342,6 @@ def normalise(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.T
     for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
         x[:, c].sub_(mean).div_(std)  # Python scalars: no host-to-device copy, so no sync per batch
     return x
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-
-
-def build_mixnet(name: str, num_classes: int, pretrained: bool) -> torch.nn.Module:
-    """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, ImageNet weights if asked."""
-    if not timm.is_model(name):
-        raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
-    try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
-    except Exception as err:  # only the weight download can fail here: offline, hub down, proxy
-        raise UserError(
-            f"could not fetch ImageNet weights for {name} ({type(err).__name__}); connect once so timm "
-            f"can cache them, or pass --no-pretrained to train from scratch"
-        ) from None
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Number of parameters (buffers such as BatchNorm statistics excluded, as in the paper)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def model_size_mb(model: torch.nn.Module) -> float:
-    """fp32 parameter bytes / 1e6: MixNet-S 10.44 MB and MixNet-L 23.218 MB with 8 classes."""
-    return count_params(model) * 4 / 1e6
-
-
-def network_name(name: str) -> str:
-    """Table II's spelling of a timm model name."""
-    return NETWORK_NAMES.get(name, name)
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses
-
-
-def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T) over the class dimension: (B, C) -> (B, C)."""
-    return F.softmax(logits / temperature, dim=-1)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, distill_weight: float) -> torch.Tensor:
-    """(1 - w) * CE(labels, S) + w * T^2 * KL(soften(teacher, T) || soften(student, T)); a scalar.
-
-    Shapes: logits (B, C), labels (B,). Both terms are batch means (KL with reduction="batchmean",
-    computed from log-probabilities with log_target=True, which is stable for small probabilities).
-    The paper's eq. (3) softens both outputs with temperature T and eq. (4) adds lambda * H(T, S) to
-    the cross-entropy; H(T, S) and KL(T || S) differ by the teacher's entropy, a constant for the
-    student, so the gradients agree. The T^2 factor (keeping the soft term's gradient scale
-    independent of T) and the (1 - w) weighting with the paper's "distill weight 0.5" follow Hinton
-    et al. (2015). w = 0 is plain cross-entropy and ignores `teacher_logits`.
-    """
-    ce = F.cross_entropy(student_logits.float(), labels)
-    if distill_weight == 0:
-        return ce
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
-    return (1 - distill_weight) * ce + distill_weight * temperature**2 * kl
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedule
-
-
-def checkpoint_schedule(student_epochs: int, checkpoint_epochs: list[int]) -> list[int]:
-    """For every student epoch e (0-based), the teacher epoch whose stored outputs are its target.
-
-    With E student epochs and K stored checkpoints (ascending), epoch e uses checkpoint number
-    ceil((e + 1) * K / E) - 1: intervals as even as possible, the last student epoch always learns
-    from the final teacher, and only stored epochs are returned. 50 epochs over [5, 10, ..., 50]
-    gives [5] * 5 + [10] * 5 + ... + [50] * 5, the paper's schedule.
-    """
-    stored = sorted(set(checkpoint_epochs))
-    if student_epochs <= 0 or not stored:
-        raise ValueError("need at least one student epoch and one stored teacher epoch")
-    k = len(stored)
-    return [stored[-((-(e + 1) * k) // student_epochs) - 1] for e in range(student_epochs)]
-
-
-def parse_anchors(text: str, stored: list[int]) -> list[int]:
-    """'5,15,30,50' -> [5, 15, 30, 50], refusing epochs that the outputs file does not hold."""
-    try:
-        anchors = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"--anchors {text!r} must be comma-separated teacher epochs, e.g. 5,15,30,50") from None
-    unknown = [a for a in anchors if a not in stored]
-    if not anchors or unknown:
-        raise UserError(f"--anchors {text}: epochs {unknown} are not stored; stored epochs are {sorted(stored)}")
-    return anchors
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: every write goes to a temporary file in the same folder and is moved into place, so a
-# crash during a save never leaves a truncated file where a good one was.
-
-
-def _atomic_write(path: str | Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-save
-            stale.unlink(missing_ok=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def save_atomic(obj: dict, path: str | Path) -> None:
-    """torch.save `obj` (plain types and tensors only, so weights_only loading works) atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Write a JSON report, CSV or log atomically."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def load_file(path: str | Path, kind: str) -> dict:
-    """torch.load(weights_only=True) a file of `kind` (CHECKPOINT_FORMAT, ...), refusing anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, a pickle of arbitrary objects
-        raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != kind:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"{path} is not a {kind} file (found {found})")
-    return obj
-
-
-def check_writable(*paths: str | Path) -> None:
-    """Refuse output paths whose folder is missing or read-only before any training starts."""
-    for path in paths:
-        folder = Path(path).parent
-        if not folder.is_dir():
-            raise UserError(f"cannot write {path}: folder {folder} does not exist")
-        if Path(path).is_dir():
-            raise UserError(f"cannot write {path}: it is a folder")
-        try:  # a real write: permissions, read-only mounts and full quotas all show up here
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise UserError(f"cannot write {path}: folder {folder} is not writable ({err.strerror})") from None
-
-
-def state_path(out: str | Path) -> Path:
-    """Where a run writing `out` keeps its resumable state: teacher.pt -> teacher.state.pt."""
-    return Path(out).with_suffix(".state.pt")
-
-
-def log_path(out: str | Path) -> Path:
-    """Where a run writing `out` keeps its JSON-lines log: teacher.pt -> teacher.log.jsonl."""
-    return Path(out).with_suffix(".log.jsonl")
-
-
-def mismatches(expected: dict, found: dict, skip: tuple = ()) -> list[str]:
-    """Keys on which two settings dicts differ, as 'key: found X, expected Y'."""
-    keys = sorted((set(expected) | set(found)) - set(skip))
-    return [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}" for k in keys if expected.get(k) != found.get(k)]
-
-
-def open_state(args: dict, data_identity: dict) -> dict | None:
-    """The state to resume from, or None for a fresh run; refuses a state that belongs to another run."""
-    path = state_path(args["out"])
-    if not args["resume"]:
-        if path.exists():
-            raise UserError(f"an interrupted run left {path}: add --resume to continue it, or delete it to start over")
-        return None
-    if not path.exists():
-        if Path(args["out"]).exists():  # a finished run: never silently train it again
-            raise UserError(f"nothing to resume: {args['out']} is complete and {path} does not exist; "
-                            f"run without --resume to train again")
-        return None  # killed before its first epoch ended: start from epoch 1
-    state = load_file(path, STATE_FORMAT)
-    differ = mismatches(state["args"], args, skip=RESUME_FREE_ARGS) + mismatches(state["identity"], data_identity)
-    if differ:
-        raise UserError(f"--resume refused, {path} was made with other settings ({'; '.join(differ)})")
-    return state
-
-
-def teacher_outputs_file(path: str | Path, identity: dict) -> dict:
-    """Load stored teacher outputs, refusing ones made from other data, split, image size or classes."""
-    outputs = load_file(path, OUTPUTS_FORMAT)
-    differ = mismatches(identity, outputs["identity"])
-    if differ:
-        raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
-    return outputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +385,8 @@ def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device, memory_format=torch.channels_last)
 
 
-def _layout(x: torch.Tensor) -> torch.Tensor:
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The memory layout the models run in (see to_device)."""
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -519,26 +395,30 @@ def eval_batch(device: torch.device) -> int:
     return 500 if device.type == "cuda" else 64
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: the only way to time CUDA work from the host."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
 def predict(model, images: torch.Tensor, amp: bool, flip: bool = False) -> torch.Tensor:
-    """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on their device."""
+    """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on the
+    images' device."""
     model.eval()
     outs, batch = [], eval_batch(images.device)
     for first in range(0, len(images), batch):
         x = images[first:first + batch]
         with autocast(images.device, amp):
-            outs.append(model(_layout(normalise(x.flip(3) if flip else x))).float())
+            outs.append(model(channels_last(normalise(x.flip(3) if flip else x))).float())
     return torch.cat(outs)
 
 
-def teacher_outputs(model, images: torch.Tensor, amp: bool) -> torch.Tensor:
-    """Stored teacher outputs (N, 2, C) on the CPU: [:, 0] the image's logits, [:, 1] its mirror's."""
-    return torch.stack([predict(model, images, amp), predict(model, images, amp, flip=True)], dim=1).cpu()
+def both_views_logits(model, images: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Logits (N, 2, C) on the CPU, as the teacher stores them: [:, 0] of every image, [:, 1] of its
+    mirror, so that a student trained on either view has the teacher's logits of that very view."""
+    plain, mirrored = predict(model, images, amp), predict(model, images, amp, flip=True)
+    return torch.stack([plain, mirrored], dim=1).cpu()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -547,9 +427,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generator, amp: bool,
-                    targets: torch.Tensor | None, temperature: float, distill_weight: float) -> dict:
-    """One pass over `part` in a seeded random order with seeded flips; `targets` (N, 2, C) are the
-    stored teacher logits of each image and of its mirror. No host-device sync inside the loop."""
+                    teacher_logits: torch.Tensor | None, temperature: float,
+                    distill_weight: float) -> dict:
+    """One pass over `part` in a seeded random order with seeded flips; `teacher_logits` (N, 2, C)
+    are the stored teacher logits of each image and of its mirror. No host-device sync inside."""
     images, labels = part["images"], part["labels"]
     device, n = images.device, len(labels)
     order = torch.randperm(n, generator=gen).to(device)
@@ -559,18 +440,19 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
     correct = torch.zeros((), dtype=torch.long, device=device)
     bad_batch = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch, if any
     seen = 0
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for step, first in enumerate(range(0, n, batch_size)):
         idx = order[first:first + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a single image; only a last leftover is skipped
             break
         flip = flips[idx]
-        x = _layout(normalise(images[idx], flip))
+        x = channels_last(normalise(images[idx], flip))
         with autocast(device, amp):
             logits = model(x)  # (B, C)
-        target = None if targets is None else targets[idx, flip.long()]  # the view it was trained on
-        loss = kd_loss(logits, target, labels[idx], temperature, distill_weight)
+        # the teacher's logits of exactly the view (plain or mirrored) the student sees: (B, C)
+        teacher = None if teacher_logits is None else teacher_logits[idx, flip.long()]
+        loss = kd_loss(logits, teacher, labels[idx], temperature, distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -578,11 +460,12 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(1) == labels[idx]).sum()
         seen += len(idx)
-    _sync(device)  # the one sync point of the epoch
+    sync(device)  # the one sync point of the epoch
     seconds = time.perf_counter() - start
     bad = int(bad_batch)
     return {"loss": total_loss.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
-            "images_per_s": seen / seconds, "train_seconds": seconds, "bad_batch": bad if bad > 0 else None}
+            "images_per_s": seen / seconds, "train_seconds": seconds,
+            "bad_batch": bad if bad > 0 else None}
 
 
 def format_record(r: dict) -> str:
@@ -591,24 +474,24 @@ def format_record(r: dict) -> str:
     if "val_acc" in r:
         parts.append(f"val {r['val_acc']:6.2f}%")
     if "teacher_epoch" in r:
-        parts.append(f"target teacher@{r['teacher_epoch']}")
-    if "outputs_seconds" in r:
-        parts.append(f"outputs stored {r['outputs_seconds']:.1f}s")
+        parts.append(f"follows teacher@{r['teacher_epoch']}")
+    if "logits_seconds" in r:
+        parts.append(f"logits stored {r['logits_seconds']:.1f}s")
     parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
     return " | ".join(parts)
 
 
 def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict | None = None,
-        targets_for=None, after_epoch=None, say=lambda line: None) -> dict:
+        teacher_logits_for=None, after_epoch=None, say=lambda line: None) -> dict:
     """The epoch loop shared by teacher and student: Adam + StepLR as in the paper, per-epoch log
     line and JSON line, resumable state written atomically after every epoch.
 
-    `targets_for(epoch)` gives the stored teacher logits (N, 2, C) for a 0-based epoch, or None;
+    `teacher_logits_for(epoch)` gives the stored teacher logits (N, 2, C) a 0-based epoch follows;
     `after_epoch(epochs_done, model, extra)` may store things in `extra` (kept in the state) and
     returns fields for the log. Returns {"history": [...], "extra": {...}}.
     """
     device = train["images"].device
-    opt = torch.optim.Adam(model.parameters(), lr=args["lr"], fused=device.type == "cuda")  # one kernel on CUDA
+    opt = torch.optim.Adam(model.parameters(), lr=args["lr"], fused=device.type == "cuda")  # 1 kernel
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args["step_size"], gamma=args["gamma"])
     gen = torch.Generator().manual_seed(args["seed"])  # shuffling and flips, saved with the state
     run = {"history": [], "extra": {}, "epoch": 0}
@@ -620,23 +503,27 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
         torch.set_rng_state(state["torch_rng"])
         run = {"history": state["history"], "extra": state["extra"], "epoch": state["epoch"]}
     log, spath = log_path(args["out"]), state_path(args["out"])
-    write_text_atomic("".join(json.dumps(r) + "\n" for r in run["history"]), log)  # drop lines past the state
+    # a resumed run's log is cut back to the saved state: lines of a lost epoch go
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in run["history"]), log)
     step_model = torch.compile(model) if args.get("compile") else model
+    amp = args.get("amp", False)
     try:
         for epoch in range(run["epoch"], args["epochs"]):
             start = time.perf_counter()
-            targets = targets_for(epoch) if targets_for else None
-            stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, args.get("amp", False),
-                                    targets, args.get("temperature", 1.0), args.get("distill_weight", 0.0))
+            teacher = teacher_logits_for(epoch) if teacher_logits_for else None
+            stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, amp, teacher,
+                                    args.get("temperature", 1.0), args.get("distill_weight", 0.0))
             bad = stats.pop("bad_batch")
             if bad is not None:
-                kept = f"epoch {run['epoch']} is kept in {spath}" if run["epoch"] else "no epoch had completed"
-                raise UserError(f"the loss became NaN or infinite in epoch {epoch + 1}, batch {bad}; {kept} "
-                                f"(try a lower --lr)")
-            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}  # the rate this epoch used
+                kept = (f"epoch {run['epoch']} is kept in {spath}" if run["epoch"]
+                        else "no epoch had completed")
+                raise UserError(f"the loss became NaN or infinite in epoch {epoch + 1}, batch {bad}; "
+                                f"{kept} (try a lower --lr)")
+            # "lr" is the rate this epoch trained with, read before the scheduler steps
+            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
             sched.step()
             if len(val["labels"]):
-                record["val_acc"] = accuracy(predict(model, val["images"], args.get("amp", False)), val["labels"])
+                record["val_acc"] = accuracy(predict(model, val["images"], amp), val["labels"])
             if after_epoch:
                 record.update(after_epoch(epoch + 1, model, run["extra"]))
             record["seconds"] = time.perf_counter() - start
@@ -645,46 +532,27 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
             save_atomic({"format": STATE_FORMAT, "args": args, "identity": identity, "epoch": epoch + 1,
                          "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "history": run["history"], "extra": run["extra"]},
-                        spath)
+                         "torch_rng": torch.get_rng_state(), "history": run["history"],
+                         "extra": run["extra"]}, spath)
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
             say(format_record(record))
     except KeyboardInterrupt:
         done = f"epoch {run['epoch']} is saved in {spath}" if run["epoch"] else "no epoch had completed"
-        raise Interrupted(f"interrupted in epoch {run['epoch'] + 1}; {done}: run the same command with --resume") from None
+        raise Interrupted(f"interrupted in epoch {run['epoch'] + 1}; {done}: "
+                          f"run the same command with --resume") from None
     return run
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def classification_report(y_true: list[int], y_pred: list[int], num_classes: int) -> dict:
-    """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/F1 (all in %) and the
-    confusion matrix (rows: true class, columns: predicted). An undefined ratio (0/0) counts as 0.
-    Balanced accuracy averages recall over classes present in `y_true`; macro-F1 averages F1 over
-    all classes."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {
-        "accuracy": 100 * tp.sum() / max(cm.sum(), 1),
-        "balanced_accuracy": 100 * recall[support > 0].mean() if support.any() else 0.0,
-        "macro_f1": 100 * f1.mean(),
-        "precision": (100 * precision).tolist(), "recall": (100 * recall).tolist(), "f1": (100 * f1).tolist(),
-        "support": support.tolist(), "confusion": cm.tolist(),
-    }
+# Checkpoints: a trained model and everything evaluate.py needs to rebuild and test it
 
 
 def make_checkpoint(model, args: dict, identity: dict, method: str, history: list) -> dict:
     """Everything evaluate.py needs besides --data, as plain types and tensors (weights_only-safe)."""
-    return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method, "identity": identity,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "args": args, "history": history,
+    return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method,
+            "identity": identity, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "args": args, "history": history,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
@@ -694,98 +562,150 @@ def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError) as err:
-        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({str(err).splitlines()[0]})") from None
+        first_line = str(err).splitlines()[0]
+        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({first_line})") from None
     return model
 
 
 def kd_method(distill_weight: float, anchors: list[int]) -> str:
     """Table II's row for a student: alone, vanilla KD (one teacher epoch) or Multi-Part KD."""
     if distill_weight == 0:
-        return "student"
+        return "student alone"
     return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"
 
 
-def _median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Median wall time of each function, the functions taking turns (A B B A ...) so drift cancels."""
-    times = [[] for _ in fns]
-    for i in range(warmup + repeats * len(fns)):
-        k = i % len(fns) if (i // len(fns)) % 2 == 0 else len(fns) - 1 - i % len(fns)
-        _sync(device)
-        start = time.perf_counter()
-        fns[k]()
-        _sync(device)
-        if i >= warmup:
-            times[k].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+# ----------------------------------------------------------------------------------------------
+# Run machinery: settings checks, atomic files, resumable state, the teacher logits file
 
 
-def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch: int,
-              repeats: int = 20) -> dict:
-    """Batch-1 latency (median ms), inference images/s at eval_batch(), and images/s of bare training
-    steps (forward, backward, Adam) on a resident batch, with the cross-entropy alone and with the
-    KD loss of stored teacher logits, taking turns: the floor against which an epoch's data overhead
-    is measured, and the cost of the KD term. Works on a copy; `model` is left as it was."""
-    model, big_batch = to_device(copy.deepcopy(model), device).eval(), eval_batch(device)
-    one = _layout(torch.randn(1, 3, img_size, img_size, device=device))
-    big = _layout(torch.randn(big_batch, 3, img_size, img_size, device=device))
-    with torch.inference_mode(), autocast(device, amp):
-        latency, = _median_seconds([lambda: model(one)], device, repeats, warmup=5)
-        batch_s, = _median_seconds([lambda: model(big)], device, max(3, repeats // 4), warmup=2)
-        num_classes = model(one).shape[1]
-    x = _layout(torch.randn(train_batch, 3, img_size, img_size, device=device))
-    y = torch.randint(0, num_classes, (train_batch,), device=device)
-    teacher = torch.randn(train_batch, num_classes, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    model.train()
-
-    def step(distill_weight):
-        with autocast(device, amp):
-            logits = model(x)
-        loss = kd_loss(logits, teacher, y, 5.0, distill_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    ce_s, kd_s = _median_seconds([lambda: step(0.0), lambda: step(0.5)], device, max(3, repeats // 2), warmup=3)
-    return {"latency_ms": 1000 * latency, "throughput": big_batch / batch_s,
-            "train_step_images_per_s": train_batch / ce_s, "kd_step_images_per_s": train_batch / kd_s}
+def check_settings(args: dict) -> None:
+    """Refuse out-of-range settings before any time is spent; `args` is vars(argparse args)."""
+    rules = [
+        ("epochs", lambda v: v > 0, "must be positive"),
+        ("batch_size", lambda v: v > 0, "must be positive"),
+        ("lr", lambda v: v > 0 and math.isfinite(v), "must be positive"),
+        ("step_size", lambda v: v > 0, "must be positive"),
+        ("gamma", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("img_size", lambda v: v >= 32, "must be at least 32 (MixNet downsamples 32 times)"),
+        ("temperature", lambda v: v > 0 and math.isfinite(v), "must be positive"),
+        ("distill_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("test_frac", lambda v: 0 < v < 1, "must be in (0, 1)"),
+        ("val_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ]
+    for name, ok, why in rules:
+        if name in args and not ok(args[name]):
+            raise UserError(f"--{name.replace('_', '-')} {args[name]} {why}")
+    if "save_every" in args and not 0 < args["save_every"] <= args["epochs"]:
+        raise UserError(f"--save-every {args['save_every']} must be between 1 and "
+                        f"--epochs {args['epochs']}")
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+def _atomic_write(path: str | Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-save
+            stale.unlink(missing_ok=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Group evaluated checkpoints by (method, network): n, mean and std of accuracy, in Table II order."""
-    groups = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["network"]), []).append(row)
-    order = sorted(groups, key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else len(METHODS), k[1]))
-    out = []
-    for method, net in order:
-        accs = [r["accuracy"] for r in groups[(method, net)]]
-        mean, std = _mean_std(accs)
-        first = groups[(method, net)][0]
-        out.append({"method": method, "network": net, "n": len(accs), "accuracy_mean": mean, "accuracy_std": std,
-                    "params_m": first["params_m"], "size_mb": first["size_mb"]})
-    return out
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """torch.save `obj` (plain types and tensors only, so weights_only loading works) atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def paired_difference(rows: list[dict], a: str = "Multi-Part KD", b: str = "vanilla KD") -> dict | None:
-    """Per-seed accuracy difference a - b, paired on (seed, split): the diffs, their mean and std."""
-    def by_key(method):
-        found = {}
-        for r in rows:
-            if r["method"] == method:
-                found.setdefault(tuple(r["pair_key"]), []).append(r["accuracy"])
-        return {k: v[0] for k, v in found.items() if len(v) == 1}
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write a JSON report, CSV or log atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
-    left, right = by_key(a), by_key(b)
-    keys = sorted(set(left) & set(right))
-    if not keys:
+
+def load_file(path: str | Path, kind: str | tuple[str, ...]) -> dict:
+    """torch.load(weights_only=True) a file of `kind` (CHECKPOINT_FORMAT, ... or a tuple of formats
+    any of which is accepted), refusing anything else."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, random bytes, a pickle of arbitrary objects
+        raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") not in kinds:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path} is not a {kinds[0]} file (found {found})")
+    return obj
+
+
+def check_writable(*paths: str | Path) -> None:
+    """Refuse output paths whose folder is missing or read-only before any training starts."""
+    for path in paths:
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise UserError(f"cannot write {path}: folder {folder} does not exist")
+        if Path(path).is_dir():
+            raise UserError(f"cannot write {path}: it is a folder")
+        try:  # a real write: permissions, read-only mounts and full quotas all show up here
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise UserError(f"cannot write {path}: folder {folder} is not writable "
+                            f"({err.strerror})") from None
+
+
+def state_path(out: str | Path) -> Path:
+    """Where a run writing `out` keeps its resumable state: teacher.pt -> teacher.state.pt."""
+    return Path(out).with_suffix(".state.pt")
+
+
+def log_path(out: str | Path) -> Path:
+    """Where a run writing `out` keeps its JSON-lines log: teacher.pt -> teacher.log.jsonl."""
+    return Path(out).with_suffix(".log.jsonl")
+
+
+def mismatches(expected: dict, found: dict, skip: tuple = ()) -> list[str]:
+    """Keys on which two settings dicts differ, as 'key: found X, expected Y'."""
+    keys = sorted((set(expected) | set(found)) - set(skip))
+    return [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}"
+            for k in keys if expected.get(k) != found.get(k)]
+
+
+def open_state(args: dict, data_identity: dict) -> dict | None:
+    """The state to resume from, or None for a fresh run; refuses a state that belongs to another run."""
+    path = state_path(args["out"])
+    if not args["resume"]:
+        if path.exists():
+            raise UserError(f"an interrupted run left {path}: add --resume to continue it, "
+                            f"or delete it to start over")
         return None
-    diffs = [left[k] - right[k] for k in keys]
-    mean, std = _mean_std(diffs)
-    return {"a": a, "b": b, "seeds": [k[0] for k in keys], "diffs": diffs, "mean": mean, "std": std}
+    if not path.exists():
+        if Path(args["out"]).exists():  # a finished run: never silently train it again
+            raise UserError(f"nothing to resume: {args['out']} is complete and {path} does not exist; "
+                            f"run without --resume to train again")
+        return None  # killed before its first epoch ended: start from epoch 1
+    state = load_file(path, STATE_FORMAT)
+    differ = (mismatches(state["args"], args, skip=RESUME_FREE_ARGS)
+              + mismatches(state["identity"], data_identity))
+    if differ:
+        raise UserError(f"--resume refused, {path} was made with other settings ({'; '.join(differ)})")
+    return state
+
+
+def load_teacher_logits(path: str | Path, identity: dict) -> dict:
+    """Load a teacher logits file ({"logits": {stored epoch: (N_train, 2, C)}, ...}), refusing one
+    made from other data, split, image size or classes. Files of the earlier format are read too."""
+    stored = load_file(path, (LOGITS_FORMAT, OLD_LOGITS_FORMAT))
+    if stored["format"] == OLD_LOGITS_FORMAT:  # same tensors; that version named their key "outputs"
+        stored = {**stored, "format": LOGITS_FORMAT, "logits": stored.pop("outputs")}
+    differ = mismatches(identity, stored["identity"])
+    if differ:
+        raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
+    return stored
+

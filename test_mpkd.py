@@ -3,6 +3,7 @@
     python -m pytest -q test_mpkd.py
 """
 
+import argparse
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import train_teacher
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "shared" / "data" / "kather2016_samples"
 FAST = ["--img-size", "32", "--batch-size", "8", "--device", "cpu"]
-TIMING = ("seconds", "train_seconds", "images_per_s", "outputs_seconds")
+TIMING = ("seconds", "train_seconds", "images_per_s", "logits_seconds")
 
 
 def make_dataset(root, classes=4, per_class=10, size=40, slides=5, suffix=".png"):
@@ -50,7 +51,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-    """One teacher (3 epochs, outputs after every epoch) shared by the tests that only read it."""
+    """One teacher (3 epochs, logits stored after every epoch) shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("teacher")
     train_teacher.main(train_teacher.get_args([
         "--data", str(data_dir), "--out", str(out / "teacher.pt"), "--logits-out", str(out / "teacher_logits.pt"),
@@ -60,7 +61,7 @@ def trained(tmp_path_factory, data_dir):
 
 def teacher_argv(data, out, *extra):
     return ["--data", str(data), "--out", str(out / "teacher.pt"), "--logits-out", str(out / "teacher_logits.pt"),
-            "--no-pretrained", "--epochs", "2", "--save-every", "1", *FAST, *extra]
+            "--no-pretrained", "--epochs", "2", "--save-every", "1", *FAST, *map(str, extra)]
 
 
 def student_argv(data, teacher_dir, out, *extra):
@@ -109,7 +110,7 @@ def test_soften_is_a_distribution_and_uniform_at_high_temperature():
 
 
 def test_schedule_paper_case():
-    assert mpkd.checkpoint_schedule(50, list(range(5, 51, 5))) == [e for e in range(5, 51, 5) for _ in range(5)]
+    assert mpkd.teacher_schedule(50, list(range(5, 51, 5))) == [e for e in range(5, 51, 5) for _ in range(5)]
 
 
 @pytest.mark.parametrize("epochs,stored,expected", [
@@ -121,14 +122,14 @@ def test_schedule_paper_case():
     (5, [30, 10, 20, 10], [10, 20, 20, 30, 30]),  # order and duplicates do not matter
 ])
 def test_schedule_cases(epochs, stored, expected):
-    assert mpkd.checkpoint_schedule(epochs, stored) == expected
+    assert mpkd.teacher_schedule(epochs, stored) == expected
 
 
 def test_schedule_properties():
     for epochs in range(1, 40):
         for k in range(1, 12):
             stored = [3 * (i + 1) for i in range(k)]
-            sched = mpkd.checkpoint_schedule(epochs, stored)
+            sched = mpkd.teacher_schedule(epochs, stored)
             assert len(sched) == epochs and sched[-1] == stored[-1]
             assert sched == sorted(sched) and set(sched) <= set(stored)
             counts = [sched.count(s) for s in set(sched)]
@@ -137,9 +138,9 @@ def test_schedule_properties():
 
 def test_schedule_refuses_empty():
     with pytest.raises(ValueError):
-        mpkd.checkpoint_schedule(0, [5])
+        mpkd.teacher_schedule(0, [5])
     with pytest.raises(ValueError):
-        mpkd.checkpoint_schedule(5, [])
+        mpkd.teacher_schedule(5, [])
 
 
 def test_anchors_are_parsed_and_unknown_ones_refused():
@@ -203,7 +204,8 @@ def test_parameter_counts_and_sizes_match_the_paper(name, params, size_mb):
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="the 24 real Kather tiles are not on this machine")
 def test_real_kather_tiles_load_with_their_labels():
     files, labels, classes = mpkd.find_images(SAMPLES)
-    assert classes == ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]
+    assert classes == ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA",
+                       "07_ADIPOSE", "08_EMPTY"]
     assert len(files) == 24 and labels == [c for c in range(8) for _ in range(3)]
     assert all(f.split("/")[0] == classes[label] for f, label in zip(files, labels))
     images = mpkd.load_images(SAMPLES, files, 112)
@@ -238,7 +240,7 @@ def test_normalise_flips_and_normalises_on_the_input_device():
 def test_classification_report_against_hand_computed_values():
     y_true = [0, 0, 0, 1, 1, 2]
     y_pred = [0, 0, 1, 1, 2, 2]
-    rep = mpkd.classification_report(y_true, y_pred, 4)
+    rep = evaluate.classification_report(y_true, y_pred, 4)
     assert rep["confusion"] == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert rep["precision"] == pytest.approx([100, 50, 50, 0])
     assert rep["recall"] == pytest.approx([200 / 3, 50, 100, 0])
@@ -250,40 +252,42 @@ def test_classification_report_against_hand_computed_values():
 
 
 def test_seed_aggregation_and_paired_difference():
-    rows = [{"method": m, "network": "MixNet-S", "accuracy": a, "params_m": 2.61, "size_mb": 10.44, "pair_key": [s, "f"]}
+    rows = [{"method": m, "network": "MixNet-S", "accuracy": a, "params_m": 2.61, "size_mb": 10.44,
+             "pair_key": [s, "f"]}
             for m, accs in [("Multi-Part KD", [90.0, 92.0, 94.0]), ("vanilla KD", [89.0, 92.5, 91.0])]
             for s, a in enumerate(accs)]
-    rows.append({"method": "teacher", "network": "MixNet-L", "accuracy": 95.0, "params_m": 5.8, "size_mb": 23.2, "pair_key": [0, "f"]})
-    summary = mpkd.summarise(rows)
+    rows.append({"method": "teacher", "network": "MixNet-L", "accuracy": 95.0, "params_m": 5.8, "size_mb": 23.2,
+                 "pair_key": [0, "f"]})
+    summary = evaluate.summarise(rows)
     assert [(s["method"], s["n"]) for s in summary] == [("teacher", 1), ("vanilla KD", 3), ("Multi-Part KD", 3)]
     assert summary[2]["accuracy_mean"] == pytest.approx(92.0) and summary[2]["accuracy_std"] == pytest.approx(2.0)
     assert summary[0]["accuracy_std"] == 0.0
-    paired = mpkd.paired_difference(rows)
+    paired = evaluate.paired_difference(rows)
     assert paired["diffs"] == pytest.approx([1.0, -0.5, 3.0])
     assert paired["mean"] == pytest.approx(3.5 / 3)
     assert paired["std"] == pytest.approx(np.std([1.0, -0.5, 3.0], ddof=1))
 
 
 # ----------------------------------------------------------------------------------------------
-# Stored teacher outputs and the whole pipeline
+# Stored teacher logits and the whole pipeline
 
 
-def test_stored_outputs_have_the_right_keys_shapes_and_mirror_view(trained, data_dir):
-    stored = mpkd.load_file(trained / "teacher_logits.pt", mpkd.OUTPUTS_FORMAT)
+def test_stored_teacher_logits_have_the_right_keys_shapes_and_mirror_view(trained, data_dir):
+    stored = mpkd.load_file(trained / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
     ckpt = mpkd.load_file(trained / "teacher.pt", mpkd.CHECKPOINT_FORMAT)
     data = mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)
-    assert sorted(stored["outputs"]) == [1, 2, 3]
+    assert sorted(stored["logits"]) == [1, 2, 3]
     assert stored["identity"] == data["identity"] == ckpt["identity"]
-    assert all(v.shape == (24, 2, 4) and v.dtype == torch.float32 for v in stored["outputs"].values())
+    assert all(v.shape == (24, 2, 4) and v.dtype == torch.float32 for v in stored["logits"].values())
     train = mpkd.load_part(data, "train", torch.device("cpu"))
     model = mpkd.load_model(ckpt, "teacher.pt")
-    final = stored["outputs"][3]
+    final = stored["logits"][3]
     assert torch.allclose(final[:, 0], mpkd.predict(model, train["images"], False), atol=1e-5)
     assert torch.allclose(final[:, 1], mpkd.predict(model, train["images"].flip(3), False), atol=1e-5)
     assert not torch.allclose(final[:, 0], final[:, 1])
-    assert not torch.equal(stored["outputs"][1], final)  # each epoch's teacher is its own
+    assert not torch.equal(stored["logits"][1], final)  # each epoch's teacher is its own
     log = [json.loads(line) for line in (trained / "teacher.log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2, 3] and all("outputs_seconds" in r and "val_acc" in r for r in log)
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all("logits_seconds" in r and "val_acc" in r for r in log)
     assert without_timing(log) == without_timing(ckpt["history"])
     assert not mpkd.state_path(trained / "teacher.pt").exists()
 
@@ -308,7 +312,8 @@ def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, c
     assert f"{expected:.2f}" in printed and f"{rows[1]['size_mb']:.3f}" in printed
     saved = json.loads(json_path.read_text())
     assert saved["checkpoints"][1]["accuracy"] == pytest.approx(expected)
-    evaluate.main(evaluate.get_args([str(out), "--data", str(data_dir), "--device", "cpu", "--predictions", str(csv_path)]))
+    evaluate.main(evaluate.get_args([str(out), "--data", str(data_dir), "--device", "cpu",
+                                     "--predictions", str(csv_path)]))
     single = capsys.readouterr().out
     assert "confusion matrix" in single and "macro-F1" in single
     lines = csv_path.read_text().splitlines()
@@ -324,13 +329,46 @@ def test_vanilla_alone_and_anchored_students(trained, data_dir, tmp_path):
     ckpts = {n: mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in runs}
     assert ckpts["vanilla.pt"]["method"] == "vanilla KD"
     assert [r["teacher_epoch"] for r in ckpts["vanilla.pt"]["history"]] == [3, 3, 3]
-    assert ckpts["alone.pt"]["method"] == "student" and "teacher_epoch" not in ckpts["alone.pt"]["history"][0]
+    assert ckpts["alone.pt"]["method"] == "student alone" and "teacher_epoch" not in ckpts["alone.pt"]["history"][0]
     assert [r["teacher_epoch"] for r in ckpts["anchors.pt"]["history"]] == [1, 3, 3]
+
+
+def test_teacher_logits_of_the_earlier_format_are_still_read(trained, data_dir, tmp_path):
+    new = torch.load(trained / "teacher_logits.pt", weights_only=True)
+    old = {k: v for k, v in new.items() if k != "logits"}
+    old.update({"format": mpkd.OLD_LOGITS_FORMAT, "outputs": new["logits"]})  # the earlier names
+    torch.save(old, tmp_path / "old_logits.pt")
+    argv = student_argv(data_dir, trained, tmp_path / "s.pt", "--multipart", "--epochs", "3")
+    distill.main(distill.get_args(argv + ["--teacher-logits", str(tmp_path / "old_logits.pt")]))
+    distill.main(distill.get_args(argv + ["--out", str(tmp_path / "n.pt")]))
+    a, b = (mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in ("s.pt", "n.pt"))
+    assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items())
+
+
+def _parser(script, monkeypatch):
+    """The ArgumentParser a script's get_args builds (parse_args made to hand it back)."""
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: self)
+    return script.get_args([])
+
+
+def test_shared_flags_agree_between_the_training_scripts(monkeypatch):
+    # A user copies one script and mpkd.py, so both scripts spell out their flags; this keeps the
+    # copies from drifting. Only these differ on purpose: each script's own output file and network,
+    # and the ImageNet start (the paper's teacher is pretrained, its student is not).
+    on_purpose = {"--out", "--model", "--pretrained"}
+    flags = [{a.option_strings[0]: a for a in _parser(m, monkeypatch)._actions if a.option_strings}
+             for m in (train_teacher, distill)]
+    shared = (set(flags[0]) & set(flags[1])) - on_purpose - {"-h"}
+    assert {"--data", "--img-size", "--batch-size", "--lr", "--seed", "--split-seed", "--split-by",
+            "--test-frac", "--val-frac", "--device", "--amp", "--resume", "--epochs"} <= shared
+    for flag in sorted(shared):
+        a, b = flags[0][flag], flags[1][flag]
+        assert (type(a), a.default, a.help, a.type, a.choices) == (type(b), b.default, b.help, b.type, b.choices), flag
 
 
 def test_multipart_with_a_single_stored_epoch_warns_and_runs_vanilla_kd(data_dir, tmp_path, capsys):
     train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--save-every", "2")))
-    assert list(torch.load(tmp_path / "teacher_logits.pt", weights_only=True)["outputs"]) == [2]
+    assert list(torch.load(tmp_path / "teacher_logits.pt", weights_only=True)["logits"]) == [2]
     distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt", "--multipart", "--epochs", "1")))
     assert "vanilla KD" in capsys.readouterr().err
     assert mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["method"] == "vanilla KD"
@@ -339,7 +377,7 @@ def test_multipart_with_a_single_stored_epoch_warns_and_runs_vanilla_kd(data_dir
 def test_slide_split_end_to_end_and_mixing_modes_is_refused(trained, data_dir, tmp_path, capsys):
     train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--split-by", "slide", "--epochs", "1")))
     assert "slides: train" in capsys.readouterr().out
-    stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.OUTPUTS_FORMAT)
+    stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
     assert stored["identity"]["split_by"] == "slide"
     with pytest.raises(mpkd.UserError, match="split_by"):  # tile-split student, slide-split teacher
         distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt")))
@@ -439,9 +477,10 @@ def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir,
     a = {n: torch.load(tmp_path / "ref" / n, weights_only=True) for n in ("teacher.pt", "teacher_logits.pt")}
     b = {n: torch.load(tmp_path / "run" / n, weights_only=True) for n in ("teacher.pt", "teacher_logits.pt")}
     assert all(torch.equal(b["teacher.pt"]["state_dict"][k], v) for k, v in a["teacher.pt"]["state_dict"].items())
-    assert sorted(b["teacher_logits.pt"]["outputs"]) == [2, 4, 6]
-    assert all(torch.equal(b["teacher_logits.pt"]["outputs"][e], v) for e, v in a["teacher_logits.pt"]["outputs"].items())
-    logs = [[json.loads(x) for x in (tmp_path / d / "teacher.log.jsonl").read_text().splitlines()] for d in ("ref", "run")]
+    assert sorted(b["teacher_logits.pt"]["logits"]) == [2, 4, 6]
+    assert all(torch.equal(b["teacher_logits.pt"]["logits"][e], v) for e, v in a["teacher_logits.pt"]["logits"].items())
+    logs = [[json.loads(x) for x in (tmp_path / d / "teacher.log.jsonl").read_text().splitlines()]
+            for d in ("ref", "run")]
     assert without_timing(logs[0]) == without_timing(logs[1]) and len(logs[1]) == 6
     assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "teacher.state.pt").exists()
 
@@ -527,7 +566,7 @@ def test_missing_truncated_and_foreign_teacher_files(trained, data_dir, tmp_path
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(mpkd.UserError, match="corrupt"):
         distill.main(distill.get_args(argv(tmp_path / "cut.pt")))
-    with pytest.raises(mpkd.UserError, match="not a mpkd-teacher-outputs"):
+    with pytest.raises(mpkd.UserError, match="not a mpkd-teacher-logits"):
         distill.main(distill.get_args(argv(trained / "teacher.pt")))
     for extra, match in [(["--split-seed", "1"], "train_fingerprint"), (["--img-size", "48"], "img_size")]:
         with pytest.raises(mpkd.UserError, match=match):
@@ -545,15 +584,17 @@ def test_evaluate_refuses_other_classes_networks_and_non_checkpoints(trained, da
     with pytest.raises(mpkd.UserError, match="do not fit mixnet_s"):
         evaluate.main(evaluate.get_args([str(tmp_path / "wrong.pt"), "--data", str(data_dir), "--device", "cpu"]))
     with pytest.raises(mpkd.UserError, match="not a mpkd-checkpoint"):
-        evaluate.main(evaluate.get_args([str(trained / "teacher_logits.pt"), "--data", str(data_dir), "--device", "cpu"]))
+        evaluate.main(evaluate.get_args([str(trained / "teacher_logits.pt"), "--data", str(data_dir),
+                                         "--device", "cpu"]))
 
 
 def test_unwritable_output_is_refused_before_training(data_dir, tmp_path):
     with pytest.raises(mpkd.UserError, match="does not exist"):
-        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path) + ["--out", str(tmp_path / "no" / "t.pt")]))
+        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--out", tmp_path / "no" / "t.pt")))
     (tmp_path / "adir.pt").mkdir()
     with pytest.raises(mpkd.UserError, match="it is a folder"):
-        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path) + ["--logits-out", str(tmp_path / "adir.pt")]))
+        argv = teacher_argv(data_dir, tmp_path, "--logits-out", tmp_path / "adir.pt")
+        train_teacher.main(train_teacher.get_args(argv))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.pt"]
     if Path("/proc").is_dir():  # a folder nobody can create files in, even root (tests run as root in CI)
         with pytest.raises(mpkd.UserError, match="folder /proc is not writable"):
@@ -587,7 +628,8 @@ def test_missing_default_data_fails_clearly_offline(tmp_path, monkeypatch):
 def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
     # HF_HUB_OFFLINE makes the hub fail at once, as it does (after retries) on a machine with no network.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "train_teacher.py"), "--data", str(data_dir), "--pretrained", *FAST],
+    proc = subprocess.run([sys.executable, str(HERE / "train_teacher.py"), "--data", str(data_dir), "--pretrained",
+                           *FAST],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "could not fetch ImageNet weights for mixnet_l" in proc.stderr
     assert "--no-pretrained" in proc.stderr and proc.stderr.strip().count("\n") == 0
@@ -599,7 +641,7 @@ def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
 def test_benchmark_reports_every_figure_and_leaves_the_model_alone():
     model = mpkd.build_mixnet("mixnet_s", 3, pretrained=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = mpkd.benchmark(model, 32, torch.device("cpu"), amp=False, train_batch=4, repeats=2)
+    result = evaluate.benchmark(model, 32, torch.device("cpu"), amp=False, train_batch=4, repeats=2)
     assert set(result) == {"latency_ms", "throughput", "train_step_images_per_s", "kd_step_images_per_s"}
     assert all(v > 0 and math.isfinite(v) for v in result.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -607,5 +649,5 @@ def test_benchmark_reports_every_figure_and_leaves_the_model_alone():
 
 def test_timed_turns_alternate_so_that_drift_cancels():
     order = []
-    mpkd._median_seconds([lambda: order.append("A"), lambda: order.append("B")], torch.device("cpu"), 4, 0)
+    evaluate._median_seconds([lambda: order.append("A"), lambda: order.append("B")], torch.device("cpu"), 4, 0)
     assert "".join(order) == "ABBAABBA"

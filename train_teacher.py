@@ -1,11 +1,11 @@
-"""Train the teacher (MixNet-L, ImageNet-pretrained) and store its training-set outputs every few epochs.
+"""Train the teacher (MixNet-L, ImageNet-pretrained) and store its logits every few epochs.
 
     python train_teacher.py --save-every 5
 
-writes teacher.pt (the checkpoint), teacher_logits.pt ({epoch: (N_train, 2, C) logits of every
-training image and of its mirror, computed in eval mode at the end of that epoch}) and
-teacher.log.jsonl (one JSON line per epoch). A killed run continues with the same command plus
---resume. Defaults are the paper's protocol.
+writes teacher.pt (the checkpoint), teacher_logits.pt (the teacher logits: {stored epoch:
+(N_train, 2, C) logits of every training image and of its mirror, computed in eval mode at the end
+of that epoch}) and teacher.log.jsonl (one JSON line per epoch). A killed run continues with the
+same command plus --resume. Defaults are the paper's protocol.
 """
 
 import argparse
@@ -18,27 +18,40 @@ import mpkd
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=mpkd.DEFAULT_DATA, help="folder of class folders (downloaded if it is the default and missing)")
+    p.add_argument("--data", default=mpkd.DEFAULT_DATA,
+                   help="folder of class folders (downloaded if it is the default and missing)")
     p.add_argument("--out", default="teacher.pt", help="teacher checkpoint")
-    p.add_argument("--logits-out", default="teacher_logits.pt", help="stored teacher outputs on the training set")
+    p.add_argument("--logits-out", default="teacher_logits.pt",
+                   help="the stored teacher logits on the training set")
     p.add_argument("--model", default="mixnet_l", help="timm model name of the teacher")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="start from ImageNet weights")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ImageNet weights")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
-    p.add_argument("--save-every", type=int, default=5, help="store training-set outputs every K epochs (and after the last)")
-    p.add_argument("--img-size", type=int, default=112, help="images are resized to this square size (at least 32)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (the paper says 64 and 128; 64 is used)")
+    p.add_argument("--save-every", type=int, default=5,
+                   help="store the teacher logits every K epochs (and after the last)")
+    # The flags below are the same in distill.py (test_shared_flags_agree_between_the_training_scripts).
+    p.add_argument("--img-size", type=int, default=112,
+                   help="images are resized to this square size (at least 32)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="batch size (the paper says 64 and 128; 64 is used)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--step-size", type=int, default=5, help="StepLR: multiply the learning rate by --gamma every this many epochs")
+    p.add_argument("--step-size", type=int, default=5,
+                   help="StepLR: multiply the learning rate by --gamma every this many epochs")
     p.add_argument("--gamma", type=float, default=0.5, help="StepLR factor")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, shuffling and flips")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
-    p.add_argument("--split-by", choices=("tile", "slide"), default="tile", help="split tiles at random (paper) or by source slide")
-    p.add_argument("--test-frac", type=float, default=0.2, help="fraction of every class held out for testing")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the train/val/test split (teacher and students must agree)")
+    p.add_argument("--split-by", choices=("tile", "slide"), default="tile",
+                   help="split tiles at random (paper) or by source slide")
+    p.add_argument("--test-frac", type=float, default=0.2,
+                   help="fraction of every class held out for testing")
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of the rest used for validation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (no-op on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (no-op on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its saved state")
     return p.parse_args(argv)
 
 
@@ -47,7 +60,8 @@ def main(args):
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, args.logits_out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
-    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed, args.test_frac, args.val_frac)
+    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed,
+                             args.test_frac, args.val_frac)
     state = mpkd.open_state(config, data["identity"])  # refuses a stale or foreign state before decoding
     print("\n".join(mpkd.split_table(data)))
     train, val = mpkd.load_part(data, "train", device), mpkd.load_part(data, "val", device)
@@ -55,24 +69,26 @@ def main(args):
     # On resume the weights come from the state: no need to fetch ImageNet weights again.
     model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None)
     model = mpkd.to_device(model, device)
-    store_at = set(range(args.save_every, args.epochs + 1, args.save_every)) | {args.epochs}
+    stored_epochs = set(range(args.save_every, args.epochs + 1, args.save_every)) | {args.epochs}
 
-    def store_outputs(epochs_done, model, extra):
-        if epochs_done not in store_at:
+    def store_logits(epochs_done, model, extra):
+        if epochs_done not in stored_epochs:
             return {}
         start = time.perf_counter()
-        extra.setdefault("outputs", {})[epochs_done] = mpkd.teacher_outputs(model, train["images"], args.amp)
-        return {"outputs_seconds": time.perf_counter() - start}
+        extra.setdefault("logits", {})[epochs_done] = mpkd.both_views_logits(model, train["images"], args.amp)
+        return {"logits_seconds": time.perf_counter() - start}
 
-    print(f"teacher {args.model}: {mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} "
-          f"training images on {device}; outputs stored after epochs {sorted(store_at)}")
-    run = mpkd.fit(model, train, val, config, data["identity"], state, after_epoch=store_outputs, say=print)
-    outputs = {"format": mpkd.OUTPUTS_FORMAT, "identity": data["identity"], "teacher": args.model,
-               "outputs": run["extra"]["outputs"], "args": config}
-    mpkd.save_atomic(mpkd.make_checkpoint(model, config, data["identity"], "teacher", run["history"]), args.out)
-    mpkd.save_atomic(outputs, args.logits_out)
+    print(f"teacher {args.model}: {mpkd.count_params(model) / 1e6:.2f}M parameters, "
+          f"{len(train['labels'])} training images on {device}; "
+          f"logits stored after epochs {sorted(stored_epochs)}")
+    run = mpkd.fit(model, train, val, config, data["identity"], state, after_epoch=store_logits, say=print)
+    teacher_logits = {"format": mpkd.LOGITS_FORMAT, "identity": data["identity"], "teacher": args.model,
+                      "logits": run["extra"]["logits"], "args": config}
+    checkpoint = mpkd.make_checkpoint(model, config, data["identity"], "teacher", run["history"])
+    mpkd.save_atomic(checkpoint, args.out)
+    mpkd.save_atomic(teacher_logits, args.logits_out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    print(f"wrote {args.out} and {args.logits_out} (epochs {sorted(outputs['outputs'])})")
+    print(f"wrote {args.out} and {args.logits_out} (stored epochs {sorted(teacher_logits['logits'])})")
 
 
 if __name__ == "__main__":
