@@ -1,26 +1,40 @@
-"""Evaluate checkpoints on their test split and print them in the shape of the paper's Table II.
+"""Evaluate checkpoints on their test split in the shape of the paper's Table II, with intervals,
+significance tests and pictures; or predict a folder of new tiles.
 
-    python evaluate.py teacher.pt alone.pt vanilla.pt student.pt
+    python evaluate.py teacher.pt alone.pt vanilla.pt student.pt --plots plots
     python evaluate.py student.pt --predictions student_predictions.csv   # + per-class report
     python evaluate.py teacher.pt student.pt --benchmark                   # + latency and throughput
-    python evaluate.py runs/seed*/{teacher,alone,vanilla,mpkd}.pt          # several seeds: mean +- std
+    python evaluate.py runs/seed*/{teacher,alone,vanilla,mpkd}.pt          # several seeds
+    python evaluate.py student.pt --images new_tiles/ --predictions new_tiles.csv  # no labels needed
 
 Each checkpoint carries its network, classes, image size and split settings, so only --data is
-needed; a checkpoint whose classes or training files do not match --data is refused.
+needed; a checkpoint whose classes or training files do not match --data is refused. Every
+accuracy comes with its 95% Wilson interval; checkpoints tested on the same tiles are compared
+with McNemar's exact test; across seeds the paired difference gets a 95% t-interval.
 """
 
 import argparse
 import copy
 import csv
 import io
+import itertools
 import json
+import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import mpkd
+
+ROW_COLOURS = {"teacher": "#444444", "student alone": "#1f77b4", "vanilla KD": "#ff7f0e",
+               "Multi-Part KD": "#2ca02c"}
+TABLE2_PAIRS = [("Multi-Part KD", "vanilla KD"), ("vanilla KD", "student alone"),
+                ("Multi-Part KD", "student alone")]
+IMAGES_CHUNK = 1024  # tiles decoded and predicted at a time by --images: memory stays flat
 
 
 def get_args(argv=None):
@@ -34,7 +48,15 @@ def get_args(argv=None):
                    help="bf16 autocast on CUDA (no-op on CPU)")
     p.add_argument("--json", default=None, help="also write every number printed to this JSON file")
     p.add_argument("--predictions", default=None,
-                   help="write one CSV row per test image and checkpoint to this file")
+                   help="CSV of one row per image and checkpoint (with --images: default "
+                        "<folder name>_predictions.csv)")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write learning curves, confusion matrices, error grids and the Table II "
+                        "plot as PNG files to this folder (needs matplotlib)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="predict every image under DIR (no labels needed) with one checkpoint")
+    p.add_argument("--tta", action="store_true",
+                   help="with --images: average the logits of each tile and its mirror")
     p.add_argument("--benchmark", action="store_true",
                    help="measure batch-1 latency and large-batch throughput")
     return p.parse_args(argv)
@@ -57,13 +79,73 @@ def classification_report(y_true: list[int], y_pred: list[int], num_classes: int
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     return {
-        "accuracy": 100 * tp.sum() / max(cm.sum(), 1),
-        "balanced_accuracy": 100 * recall[support > 0].mean() if support.any() else 0.0,
-        "macro_f1": 100 * f1.mean(),
+        "accuracy": float(100 * tp.sum() / max(cm.sum(), 1)),
+        "balanced_accuracy": float(100 * recall[support > 0].mean()) if support.any() else 0.0,
+        "macro_f1": float(100 * f1.mean()),
         "precision": (100 * precision).tolist(), "recall": (100 * recall).tolist(), "f1": (100 * f1).tolist(),
         "support": support.tolist(), "confusion": cm.tolist(),
     }
 
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion correct / n, in percent; (0, 100) for n = 0."""
+    if n == 0:
+        return 0.0, 100.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (tiles only A gets right, only B
+    gets right): twice the Binomial(only_a + only_b, 1/2) tail at the smaller count, capped at 1."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2**n)  # exact integer arithmetic until this one division
+
+
+def _t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer df (Abramowitz & Stegun 26.7.3 and 26.7.4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    term = total = 1.0
+    if df % 2:  # odd: 2/pi * (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...))
+        for k in range(1, (df - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * c2
+            total += term
+        return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0))
+    for k in range(1, df // 2):  # even: sin * (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...)
+        term *= (2 * k - 1) / (2 * k) * c2
+        total += term
+    return math.sin(theta) * total
+
+
+def t_critical(df: int, level: float = 0.95) -> float:
+    """The two-sided Student t critical value: t with P(|T| <= t) = level (bisection)."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean, sample std and the 95% t-interval of the mean; no spread and no interval for one value."""
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) < 2:
+        return {"n": len(arr), "mean": float(arr.mean()), "std": None, "ci95": None}
+    std = float(arr.std(ddof=1))
+    half = t_critical(len(arr) - 1) * std / math.sqrt(len(arr))
+    return {"n": len(arr), "mean": float(arr.mean()), "std": std,
+            "ci95": [float(arr.mean()) - half, float(arr.mean()) + half]}
 
 
 def _median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) -> list[float]:
@@ -113,53 +195,75 @@ def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch
             "train_step_images_per_s": train_batch / ce_s, "kd_step_images_per_s": train_batch / kd_s}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
 def summarise(rows: list[dict]) -> list[dict]:
-    """Group evaluated checkpoints by (method, network): n, mean and std of accuracy, in Table II order."""
+    """Group evaluated checkpoints by (method, network), in Table II's order: n, accuracy mean, sample
+    std and 95% t-interval of the mean (std and interval only with several seeds)."""
     groups = {}
     for row in rows:
         groups.setdefault((row["method"], row["network"]), []).append(row)
     rank = {method: i for i, method in enumerate(mpkd.METHODS)}  # Table II's order, others after
-    order = sorted(groups, key=lambda k: (rank.get(k[0], len(rank)), k[1]))
     out = []
-    for method, net in order:
-        accs = [r["accuracy"] for r in groups[(method, net)]]
-        mean, std = _mean_std(accs)
+    for method, net in sorted(groups, key=lambda k: (rank.get(k[0], len(rank)), k[1])):
+        stats = mean_interval([r["accuracy"] for r in groups[(method, net)]])
         first = groups[(method, net)][0]
-        out.append({"method": method, "network": net, "n": len(accs), "accuracy_mean": mean,
-                    "accuracy_std": std, "params_m": first["params_m"], "size_mb": first["size_mb"]})
+        out.append({"method": method, "network": net, "n": stats["n"], "accuracy_mean": stats["mean"],
+                    "accuracy_std": stats["std"], "accuracy_ci95": stats["ci95"],
+                    "params_m": first["params_m"], "size_mb": first["size_mb"]})
     return out
 
 
-def paired_difference(rows: list[dict], a: str = "Multi-Part KD", b: str = "vanilla KD") -> dict | None:
-    """Per-seed accuracy difference a - b, paired on (seed, split): the diffs, their mean and std."""
-    def by_key(method):
-        found = {}
-        for r in rows:
-            if r["method"] == method:
-                found.setdefault(tuple(r["pair_key"]), []).append(r["accuracy"])
-        return {k: v[0] for k, v in found.items() if len(v) == 1}
+def _one_per_seed(rows: list[dict], method: str) -> dict:
+    """{pair key (seed, training split): row} for `method`, where that key has exactly one row."""
+    found = {}
+    for r in rows:
+        if r["method"] == method:
+            found.setdefault(tuple(r["pair_key"]), []).append(r)
+    return {k: v[0] for k, v in found.items() if len(v) == 1}
 
-    left, right = by_key(a), by_key(b)
+
+def paired_difference(rows: list[dict], a: str = "Multi-Part KD", b: str = "vanilla KD") -> dict | None:
+    """Per-seed accuracy difference a - b, paired on (seed, split): the differences, their mean,
+    sample std, 95% t-interval of the mean, and on how many seeds a was ahead."""
+    left, right = _one_per_seed(rows, a), _one_per_seed(rows, b)
     keys = sorted(set(left) & set(right))
     if not keys:
         return None
-    diffs = [left[k] - right[k] for k in keys]
-    mean, std = _mean_std(diffs)
-    return {"a": a, "b": b, "seeds": [k[0] for k in keys], "diffs": diffs, "mean": mean, "std": std}
+    diffs = [left[k]["accuracy"] - right[k]["accuracy"] for k in keys]
+    stats = mean_interval(diffs)
+    return {"a": a, "b": b, "seeds": [k[0] for k in keys], "diffs": diffs, "mean": stats["mean"],
+            "std": stats["std"], "ci95": stats["ci95"], "wins": int(sum(d > 0 for d in diffs)),
+            "ties": int(sum(d == 0 for d in diffs))}
+
+
+def mcnemar_pairs(rows: list[dict]) -> list[dict]:
+    """McNemar's exact test for every pair of checkpoints tested on the same images (same split)."""
+    out = []
+    for x, y in itertools.combinations(rows, 2):
+        if x["test_key"] != y["test_key"]:
+            continue
+        a, b = np.asarray(x["outcomes"], bool), np.asarray(y["outcomes"], bool)
+        only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+        out.append({"a": x["checkpoint"], "b": y["checkpoint"], "a_method": x["method"],
+                    "b_method": y["method"], "seed_a": x["seed"], "seed_b": y["seed"],
+                    "same_seed": x["pair_key"] == y["pair_key"], "only_a": only_a, "only_b": only_b,
+                    "p": mcnemar_exact(only_a, only_b)})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation on the test split
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint, with the Table II row name of checkpoints written before it was used."""
+    ckpt = mpkd.load_file(path, mpkd.CHECKPOINT_FORMAT)
+    if ckpt["method"] == "student":
+        ckpt["method"] = "student alone"
+    return ckpt
 
 
 def test_part(ckpt, path, args, device, cache):
-    """The checkpoint's test images, decoded once per split and image size."""
+    """The checkpoint's data and test images, decoded once per split and image size."""
     ident = ckpt["identity"]
     key = tuple(ident[k] for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac"))
     if key not in cache:
@@ -169,56 +273,83 @@ def test_part(ckpt, path, args, device, cache):
     differ = mpkd.mismatches(ident, data["identity"])
     if differ:
         raise mpkd.UserError(f"{path} does not belong to --data {args.data} ({'; '.join(differ)})")
-    return part
+    return data, part
 
 
-def evaluate_checkpoint(path, args, device, cache):
-    """One row of the table: method, network, test accuracy, size, per-class report, probabilities."""
-    ckpt = mpkd.load_file(path, mpkd.CHECKPOINT_FORMAT)
-    if ckpt["method"] == "student":  # checkpoints written before Table II's row name was used
-        ckpt["method"] = "student alone"
-    part = test_part(ckpt, path, args, device, cache)
+def evaluate_checkpoint(path, args, device, cache) -> dict:
+    """One row of the table: method, network, test accuracy with its interval, size, per-class
+    report, and per tile: outcome and class probabilities (for the tests, the CSV and the plots)."""
+    ckpt = load_checkpoint(path)
+    data, part = test_part(ckpt, path, args, device, cache)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
     logits = mpkd.predict(model, part["images"], args.amp)
-    classes = ckpt["identity"]["classes"]
-    report = classification_report(part["labels"].tolist(), logits.argmax(1).tolist(), len(classes))
+    classes, labels = ckpt["identity"]["classes"], part["labels"].tolist()
+    predicted = logits.argmax(1).tolist()
+    report = classification_report(labels, predicted, len(classes))
+    outcomes = [p == t for p, t in zip(predicted, labels)]
     row = {"checkpoint": str(path), "method": ckpt["method"], "network": mpkd.network_name(ckpt["model"]),
-           "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"],
+           "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"], "correct": sum(outcomes),
+           "n_test": len(outcomes), "accuracy_ci95": list(wilson_interval(sum(outcomes), len(outcomes))),
            "params_m": mpkd.count_params(model) / 1e6, "size_mb": mpkd.model_size_mb(model),
            "classes": classes, "report": report,
-           "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]]}
+           "data": {"folder": data["root"], **ckpt["identity"]},  # what the numbers were made on
+           "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]],
+           "test_key": [data["root"], mpkd.fingerprint(part["files"], labels)],
+           "outcomes": outcomes, "files": part["files"], "labels": labels, "predicted": predicted,
+           "probs": torch.softmax(logits, 1).cpu().tolist(), "history": ckpt["history"]}
     if args.benchmark:
         row["benchmark"] = benchmark(model, ckpt["identity"]["img_size"], device, args.amp,
                                      ckpt["args"]["batch_size"])
-    probs = torch.softmax(logits, 1).cpu().tolist()
-    return row, [[str(path), f, classes[t], classes[p], *pr]
-                 for f, t, p, pr in zip(part["files"], part["labels"].tolist(), logits.argmax(1).tolist(),
-                                        probs)]
+    return row
 
 
-def table_lines(rows, summary, paired):
-    """Table II, per checkpoint; then mean +- std per method where there are several seeds."""
+PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history")  # not in the JSON
+
+
+def table_lines(rows, summary, paired, tests):
+    """Table II per checkpoint with 95% intervals; per seed McNemar's test of the Table II pairs;
+    with several seeds the mean per row and the paired difference across seeds."""
     bench = all("benchmark" in r for r in rows)
-    head = f"{'Method':<15}{'Network':<10}{'Acc (%)':>9}{'Params (M)':>12}{'Size (MB)':>11}"
+    head = f"{'Method':<15}{'Network':<10}{'Acc (%)':>9}{'95% CI':>16}{'Params (M)':>12}{'Size (MB)':>11}"
     head += f"{'Latency (ms)':>14}{'Img/s':>10}{'Train img/s':>13}{'KD/CE':>7}" if bench else ""
     lines = [head + "  Checkpoint"]
     for r in rows:
-        line = (f"{r['method']:<15}{r['network']:<10}{r['accuracy']:>9.2f}{r['params_m']:>12.2f}"
-                f"{r['size_mb']:>11.3f}")
+        lo, hi = r["accuracy_ci95"]
+        line = (f"{r['method']:<15}{r['network']:<10}{r['accuracy']:>9.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
+                f"{r['params_m']:>12.2f}{r['size_mb']:>11.3f}")
         if bench:
             b = r["benchmark"]
             line += (f"{b['latency_ms']:>14.2f}{b['throughput']:>10.1f}{b['train_step_images_per_s']:>13.1f}"
                      f"{b['kd_step_images_per_s'] / b['train_step_images_per_s']:>7.3f}")
         lines.append(line + f"  {r['checkpoint']}")
+    lines.append(f"(95% Wilson score intervals over the {rows[0]['n_test']} test tiles)")
+    table_pairs = []
+    for t in (t for t in tests if t["same_seed"]):
+        a, b, na, nb = t["a_method"], t["b_method"], t["only_a"], t["only_b"]
+        if (b, a) in TABLE2_PAIRS:  # read the pair the way Table II does
+            a, b, na, nb = b, a, nb, na
+        if (a, b) in TABLE2_PAIRS:
+            table_pairs.append((t["seed_a"], TABLE2_PAIRS.index((a, b)), a, b, na, nb, t["p"]))
+    if table_pairs:
+        lines += ["", "McNemar's exact test on the same test tiles (A / B: tiles only A / only B gets right)"]
+        lines += [f"  seed {seed}: {a} vs {b}: {na} / {nb}, two-sided p = {p:.3g}"
+                  for seed, _, a, b, na, nb, p in sorted(table_pairs, key=lambda x: x[:2])]
     if any(s["n"] > 1 for s in summary):
-        lines += ["", f"{'Method':<15}{'Network':<10}{'Acc (%) mean +- std':>22}{'n':>4}{'Params (M)':>12}"
-                      f"{'Size (MB)':>11}"]
-        lines += [f"{s['method']:<15}{s['network']:<10}{s['accuracy_mean']:>13.2f} +- {s['accuracy_std']:<5.2f}"
-                  f"{s['n']:>4}{s['params_m']:>12.2f}{s['size_mb']:>11.3f}" for s in summary]
-    if paired:
+        lines += ["", f"{'Method':<15}{'Network':<10}{'Acc (%) mean +- std':>22}{'95% CI of mean':>20}"
+                      f"{'n':>4}{'Params (M)':>12}{'Size (MB)':>11}"]
+        for s in summary:
+            spread = (f"{s['accuracy_mean']:>13.2f} +- {s['accuracy_std']:<5.2f}" if s["n"] > 1
+                      else f"{s['accuracy_mean']:>13.2f}         ")
+            ci = f"[{s['accuracy_ci95'][0]:.2f}, {s['accuracy_ci95'][1]:.2f}]" if s["n"] > 1 else "-"
+            lines.append(f"{s['method']:<15}{s['network']:<10}{spread}{ci:>20}{s['n']:>4}"
+                         f"{s['params_m']:>12.2f}{s['size_mb']:>11.3f}")
+    if paired and len(paired["diffs"]) > 1:  # one seed has no spread: McNemar above says it
+        lo, hi = paired["ci95"]
         lines += ["", f"{paired['a']} - {paired['b']}, paired by seed {paired['seeds']}: "
-                      f"{' '.join(f'{d:+.2f}' for d in paired['diffs'])} -> mean {paired['mean']:+.2f} "
-                      f"+- {paired['std']:.2f} points"]
+                      f"{' '.join(f'{d:+.2f}' for d in paired['diffs'])} points",
+                  f"  mean {paired['mean']:+.2f}, std {paired['std']:.2f}, 95% t-interval of the mean "
+                  f"[{lo:+.2f}, {hi:+.2f}]; {paired['a']} ahead on {paired['wins']} of "
+                  f"{len(paired['diffs'])} seeds" + (f" (tied on {paired['ties']})" if paired["ties"] else "")]
     teacher = next((r for r in rows if r["method"] == "teacher"), None)
     student = next((r for r in rows if r["method"] != "teacher"), None)
     if bench and teacher and student:
@@ -233,41 +364,284 @@ def report_lines(row):
     """Per-class precision, recall and F1, and the confusion matrix with class names."""
     rep, classes = row["report"], row["classes"]
     width = max(12, max(len(c) for c in classes) + 2)
+    lo, hi = row["accuracy_ci95"]
     lines = ["", f"{'class':<{width}}{'precision':>10}{'recall':>9}{'F1':>8}{'support':>9}"]
     lines += [f"{c:<{width}}{rep['precision'][i]:>10.2f}{rep['recall'][i]:>9.2f}{rep['f1'][i]:>8.2f}"
               f"{rep['support'][i]:>9}" for i, c in enumerate(classes)]
-    lines += [f"accuracy {rep['accuracy']:.2f}%  balanced accuracy {rep['balanced_accuracy']:.2f}%  "
-              f"macro-F1 {rep['macro_f1']:.2f}%", "", "confusion matrix (rows: true, columns: predicted)"]
+    lines += [f"accuracy {rep['accuracy']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  balanced accuracy "
+              f"{rep['balanced_accuracy']:.2f}%  macro-F1 {rep['macro_f1']:.2f}%", "",
+              "confusion matrix (rows: true, columns: predicted)"]
     lines.append(" " * width + "".join(f"{i:>6}" for i in range(len(classes))))
     lines += [f"{f'{i} {c}':<{width}}" + "".join(f"{n:>6}" for n in counts)
               for i, (c, counts) in enumerate(zip(classes, rep["confusion"]))]
     return lines
 
 
+def write_csv(header: list[str], rows: list[list], path) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    mpkd.write_text_atomic(buf.getvalue(), path)
+
+
+def test_predictions_csv(rows, path) -> None:
+    """One row per test tile and checkpoint: file, true and predicted class, class probabilities."""
+    classes = rows[0]["classes"]
+    write_csv(["checkpoint", "file", "true", "predicted", *(f"p_{c}" for c in classes)],
+              [[r["checkpoint"], f, classes[t], classes[p], *pr]
+               for r in rows for f, t, p, pr in zip(r["files"], r["labels"], r["predicted"], r["probs"])],
+              path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures (matplotlib, imported only for --plots)
+
+
+def import_pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a one-line error saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise mpkd.UserError("--plots needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _tag(i: int, path: str) -> str:
+    """A short unique file-name part for the i-th checkpoint: 03_mpkd."""
+    return f"{i + 1:02d}_{Path(path).stem}"
+
+
+def plot_learning_curves(plt, rows, path) -> None:
+    """Training loss, validation accuracy and the stored teacher epoch followed, per epoch: one
+    colour per Table II row, thin lines per seed and a bold mean where a row has several."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    titles = ("training loss", "validation accuracy (%)", "teacher epoch followed (KD target)")
+    keys = ("loss", "val_acc", "teacher_epoch")
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["method"], []).append(r["history"])
+    for method, histories in groups.items():
+        colour = ROW_COLOURS.get(method, None)
+        for ax, key in zip(axes, keys):
+            curves = [[(h["epoch"], h[key]) for h in hist if key in h] for hist in histories]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            if key == "teacher_epoch":
+                ax.yaxis.get_major_locator().set_params(integer=True)
+            draw = ax.step if key == "teacher_epoch" else ax.plot
+            kw = {"where": "mid"} if key == "teacher_epoch" else {}
+            for c in curves:
+                draw(*zip(*c), color=colour, lw=0.8 if len(curves) > 1 else 2, alpha=0.45 if len(curves) > 1
+                     else 1, label=None if len(curves) > 1 else method, **kw)
+            if len(curves) > 1:
+                n = min(len(c) for c in curves)
+                mean = np.mean([[v for _, v in c[:n]] for c in curves], axis=0)
+                draw([e for e, _ in curves[0][:n]], mean, color=colour, lw=2.4,
+                     label=f"{method} (mean of {len(curves)})", **kw)
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(plt, row, path) -> None:
+    """Row-normalised confusion matrix as a heatmap, counts in the cells, class names on both axes."""
+    cm = np.asarray(row["report"]["confusion"])
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    classes, k = row["classes"], len(row["classes"])
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.75 * k), max(4.5, 1.2 + 0.7 * k)))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    lo, hi = row["accuracy_ci95"]
+    ax.set_title(f"{row['method']}, {row['checkpoint']}\naccuracy {row['accuracy']:.2f}% "
+                 f"(95% CI {lo:.1f}-{hi:.1f})\ncounts; colour: share of the true class", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_errors(plt, row, root, path, most: int = 48) -> None:
+    """The misclassified test tiles, most confident mistakes first, from the original image files."""
+    wrong = [i for i, ok in enumerate(row["outcomes"]) if not ok]
+    wrong.sort(key=lambda i: -row["probs"][i][row["predicted"][i]])
+    wrong = wrong[:most]
+    cols = 8
+    nrows = max(1, math.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.0 * cols, 2.35 * nrows + 0.5), squeeze=False)
+    classes = row["classes"]
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        with Image.open(Path(root) / row["files"][i]) as img:
+            img = img.convert("RGB")
+            img.thumbnail((256, 256))
+            ax.imshow(np.asarray(img))
+        p = row["probs"][i][row["predicted"][i]]
+        ax.set_title(f"true {classes[row['labels'][i]]}\npred {classes[row['predicted'][i]]} ({p:.2f})",
+                     fontsize=7)
+    shown = f"{len(wrong)} most confident of {row['n_test'] - row['correct']}" if wrong else "none"
+    fig.suptitle(f"misclassified test tiles, {row['method']} {row['checkpoint']}: {shown}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_table2(plt, rows, summary, path) -> None:
+    """Test accuracy per Table II row: one dot per seed, the mean and its 95% interval (t-interval
+    across seeds; the Wilson interval over the test tiles where a row has one run)."""
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(summary), 4.2))
+    for x, s in enumerate(summary):
+        accs = [r["accuracy"] for r in rows if (r["method"], r["network"]) == (s["method"], s["network"])]
+        colour = ROW_COLOURS.get(s["method"])
+        jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
+        ax.scatter(x + np.asarray(jitter), accs, color=colour, alpha=0.6, s=22, zorder=3)
+        if s["n"] > 1:
+            lo, hi = s["accuracy_ci95"]
+        else:
+            lo, hi = next(r for r in rows if (r["method"], r["network"]) == (s["method"], s["network"]))[
+                "accuracy_ci95"]
+        ax.errorbar(x + 0.28, s["accuracy_mean"], yerr=[[s["accuracy_mean"] - lo], [hi - s["accuracy_mean"]]],
+                    fmt="D", color=colour, capsize=4, ms=6, zorder=4)
+    ax.set_xticks(range(len(summary)), [f"{s['method']}\n{s['network']} (n={s['n']})" for s in summary],
+                  fontsize=8)
+    ax.set_xlim(-0.5, len(summary) - 0.3)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Table II: dots are seeds; diamond: mean with 95% interval", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(plt, rows, summary, root, folder) -> list[Path]:
+    """Every picture for these checkpoints, into `folder`; returns the files written."""
+    folder = Path(folder)
+    written = [folder / "learning_curves.png", folder / "table2.png"]
+    plot_learning_curves(plt, rows, written[0])
+    plot_table2(plt, rows, summary, written[1])
+    for i, r in enumerate(rows):
+        written += [folder / f"confusion_{_tag(i, r['checkpoint'])}.png",
+                    folder / f"errors_{_tag(i, r['checkpoint'])}.png"]
+        plot_confusion(plt, r, written[-2])
+        plot_errors(plt, r, root, written[-1])
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions on new tiles (--images): no labels, the checkpoint's own preprocessing
+
+
+def predict_folder(args, device) -> dict:
+    """Predict every image under args.images, in chunks (memory stays flat for any folder size);
+    an unreadable file is listed with its reason and the rest are predicted."""
+    if len(args.checkpoints) != 1:
+        raise mpkd.UserError(f"--images predicts with one checkpoint, {len(args.checkpoints)} given")
+    path = args.checkpoints[0]
+    ckpt = load_checkpoint(path)
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise mpkd.UserError(f"--images {folder} is not a folder")
+    files = mpkd.list_images(folder)
+    if not files:
+        raise mpkd.UserError(f"--images {folder} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)}; "
+                             f"hidden files are ignored)")
+    model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
+    classes, size = ckpt["identity"]["classes"], ckpt["identity"]["img_size"]
+    results, bad = [], {}
+    for first in range(0, len(files), IMAGES_CHUNK):
+        chunk = files[first:first + IMAGES_CHUNK]
+        images, errors = mpkd.decode_images(folder, chunk, size)
+        bad.update(errors)
+        keep = [i for i, f in enumerate(chunk) if f not in errors]
+        if keep:
+            images = images[keep].to(device)
+            logits = mpkd.predict(model, images, args.amp)
+            if args.tta:  # the two views the teacher logits cover: the tile and its mirror
+                logits = (logits + mpkd.predict(model, images, args.amp, flip=True)) / 2
+            probs = torch.softmax(logits, 1).cpu()
+            results += [(chunk[i], p) for i, p in zip(keep, probs)]
+        if len(files) > IMAGES_CHUNK:
+            print(f"  {min(first + IMAGES_CHUNK, len(files))} / {len(files)} images", flush=True)
+    return {"checkpoint": str(path), "classes": classes, "results": results, "bad": bad, "files": files}
+
+
+def images_report(pred, out) -> list[str]:
+    """Write the predictions CSV (unreadable files as rows with an error) and the lines to print."""
+    classes = pred["classes"]
+    by_file = dict(pred["results"])
+    rows = []
+    for f in pred["files"]:
+        if f in by_file:
+            p = by_file[f].tolist()
+            best = int(np.argmax(p))
+            rows.append([f, classes[best], p[best], *p, ""])
+        else:
+            rows.append([f, "", "", *[""] * len(classes), pred["bad"][f]])
+    write_csv(["file", "predicted", "probability", *(f"p_{c}" for c in classes), "error"], rows, out)
+    counts = {c: 0 for c in classes}
+    for r in rows:
+        if r[1]:
+            counts[r[1]] += 1
+    lines = [f"{len(pred['results'])} of {len(pred['files'])} images predicted with {pred['checkpoint']}; "
+             f"wrote {out}", "", f"{'predicted class':<24}{'images':>8}"]
+    lines += [f"{c:<24}{n:>8}" for c, n in counts.items()]
+    if pred["bad"]:
+        lines += ["", f"{len(pred['bad'])} unreadable (listed in {out} with the reason): "
+                      + "; ".join(f"{f} ({why})" for f, why in list(pred["bad"].items())[:10])
+                      + (" ..." if len(pred["bad"]) > 10 else "")]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 def main(args):
     device = mpkd.pick_device(args.device)
+    if args.images:
+        out = args.predictions or f"{Path(args.images).resolve().name}_predictions.csv"
+        mpkd.check_writable(out)
+        print("\n".join(images_report(predict_folder(args, device), out)))
+        return None
+    plt = import_pyplot() if args.plots else None  # fail before any work if matplotlib is missing
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        mpkd.check_writable(Path(args.plots) / "table2.png")
     for path in (p for p in (args.json, args.predictions) if p):
         mpkd.check_writable(path)
-    cache, rows, predictions = {}, [], []
-    for path in args.checkpoints:
-        row, preds = evaluate_checkpoint(path, args, device, cache)
-        rows.append(row)
-        predictions += preds
-    summary, paired = summarise(rows), paired_difference(rows)
-    lines = table_lines(rows, summary, paired)
+    cache = {}
+    rows = [evaluate_checkpoint(path, args, device, cache) for path in args.checkpoints]
+    summary, paired, tests = summarise(rows), paired_difference(rows), mcnemar_pairs(rows)
+    lines = table_lines(rows, summary, paired, tests)
     if len(rows) == 1:
         lines += report_lines(rows[0])
     print("\n".join(lines))
     if args.json:
-        report = {"checkpoints": rows, "summary": summary, "paired": paired}
+        report = {"checkpoints": [{k: v for k, v in r.items() if k not in PER_TILE} for r in rows],
+                  "summary": summary, "paired": paired, "mcnemar": tests}
         mpkd.write_text_atomic(json.dumps(report, indent=1), args.json)
     if args.predictions:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        classes = rows[0]["classes"]
-        writer.writerow(["checkpoint", "file", "true", "predicted", *(f"p_{c}" for c in classes)])
-        writer.writerows(predictions)
-        mpkd.write_text_atomic(buf.getvalue(), args.predictions)
+        test_predictions_csv(rows, args.predictions)
+    if plt is not None:
+        written = write_plots(plt, rows, summary, args.data, args.plots)
+        print(f"\nwrote {len(written)} pictures to {args.plots}")
     return rows
 
 

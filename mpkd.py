@@ -21,6 +21,7 @@ import random
 import re
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ KATHER_MD5 = "0ddbebfc56344752028fda72602aaade"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+IGNORED_NAMES = ("__MACOSX",)  # besides every path component that starts with a dot
 SLIDE_PATTERN = re.compile(r"CRC-Prim-HE-\d+")  # Kather 2016 names carry their source slide
 NETWORK_NAMES = {"mixnet_s": "MixNet-S", "mixnet_m": "MixNet-M", "mixnet_l": "MixNet-L"}
 CHECKPOINT_FORMAT = "mpkd-checkpoint/1"  # a checkpoint is a model file and nothing else
@@ -167,6 +169,19 @@ def fetch_kather(root: str | Path) -> None:
         raise UserError(f"the downloaded zip did not unpack to {root}; pass --data DIR")
 
 
+def ignored(relative: str | Path) -> bool:
+    """True for paths no one means as data: any component that starts with a dot (.DS_Store,
+    .ipynb_checkpoints/) and macOS zip debris (__MACOSX/)."""
+    return any(part.startswith(".") or part in IGNORED_NAMES for part in Path(relative).parts)
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Image files under `folder` at any depth, as sorted paths relative to it; ignored paths skipped."""
+    folder = Path(folder)
+    found = (p.relative_to(folder) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(r.as_posix() for r in found if not ignored(r) and (folder / r).is_file())
+
+
 def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """Image paths relative to `root`, their labels and the sorted class names (one per folder)."""
     root = Path(root)
@@ -174,37 +189,59 @@ def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
         raise UserError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise UserError(f"data path {root} is not a folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not ignored(d.name))
     if len(classes) < 2:
         raise UserError(f"{root} must hold at least two class folders (<class>/<image>), "
                         f"found {len(classes)}")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(
-            p.relative_to(root).as_posix() for p in (root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
+        found = list_images(root / name)
         if not found:
-            raise UserError(f"class folder {root / name} holds no images ({' '.join(IMAGE_SUFFIXES)})")
-        files += found
+            hidden = any(p.suffix.lower() in IMAGE_SUFFIXES for p in (root / name).rglob("*"))
+            why = "only hidden or __MACOSX images, which are ignored" if hidden else "no images"
+            raise UserError(f"class folder {root / name} holds {why} ({' '.join(IMAGE_SUFFIXES)})")
+        files += [f"{name}/{f}" for f in found]
         labels += [label] * len(found)
     return files, labels, classes
 
 
-def load_images(root: str | Path, files: list[str], size: int) -> torch.Tensor:
-    """Decode `files` once into a (N, 3, size, size) uint8 tensor; any mode becomes RGB, any size
-    is resized."""
-    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for i, name in enumerate(files):
+def decode_image(path: str | Path, size: int) -> torch.Tensor:
+    """One image as a (3, size, size) uint8 tensor: any mode becomes RGB, any size is resized."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def decode_images(root: str | Path, files: list[str], size: int) -> tuple[torch.Tensor, dict[str, str]]:
+    """Decode `files` into one (N, 3, size, size) uint8 tensor on all cores (threads: PIL releases
+    the GIL while it decodes and resizes; each image lands in its own row, so the result is the
+    same as decoding one by one). Files that cannot be decoded are returned as {file: reason} and
+    their rows are left zero."""
+    out = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
+
+    def one(i):
         try:
-            with Image.open(Path(root) / name) as img:
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking
-                out[i] = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(f"cannot decode image {Path(root) / name}: {err}") from None
-    return out
+            out[i] = decode_image(Path(root) / files[i], size)
+            return None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return files[i], str(err) or type(err).__name__
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        bad = [r for r in pool.map(one, range(len(files))) if r is not None]
+    return out, dict(bad)
+
+
+def load_images(root: str | Path, files: list[str], size: int) -> torch.Tensor:
+    """Decode `files` once into a (N, 3, size, size) uint8 tensor; any undecodable file is an
+    error that names every bad file, not only the first."""
+    images, bad = decode_images(root, files, size)
+    if bad:
+        named = "; ".join(f"{Path(root) / f}: {why}" for f, why in list(bad.items())[:10])
+        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise UserError(f"cannot decode image{'s' if len(bad) > 1 else ''} {named}{more}")
+    return images
 
 
 def slide_ids(files: list[str]) -> list[str]:

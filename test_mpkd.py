@@ -261,11 +261,43 @@ def test_seed_aggregation_and_paired_difference():
     summary = evaluate.summarise(rows)
     assert [(s["method"], s["n"]) for s in summary] == [("teacher", 1), ("vanilla KD", 3), ("Multi-Part KD", 3)]
     assert summary[2]["accuracy_mean"] == pytest.approx(92.0) and summary[2]["accuracy_std"] == pytest.approx(2.0)
-    assert summary[0]["accuracy_std"] == 0.0
+    assert summary[0]["accuracy_std"] is None and summary[0]["accuracy_ci95"] is None  # one run: no spread
+    assert summary[2]["accuracy_ci95"] == pytest.approx([92 - 4.302652729911275 * 2 / 3**0.5,
+                                                         92 + 4.302652729911275 * 2 / 3**0.5])
     paired = evaluate.paired_difference(rows)
     assert paired["diffs"] == pytest.approx([1.0, -0.5, 3.0])
     assert paired["mean"] == pytest.approx(3.5 / 3)
     assert paired["std"] == pytest.approx(np.std([1.0, -0.5, 3.0], ddof=1))
+    half = 4.302652729911275 * paired["std"] / 3**0.5  # t(0.975, df=2) from a printed t table
+    assert paired["ci95"] == pytest.approx([3.5 / 3 - half, 3.5 / 3 + half])
+    assert paired["wins"] == 2 and paired["ties"] == 0
+
+
+def test_wilson_interval_against_hand_computed_values():
+    # 8 of 10 right, z = 1.959964: centre (0.8 + z^2/20) / (1 + z^2/10), half-width
+    # z * sqrt(0.8 * 0.2 / 10 + z^2 / 400) / (1 + z^2/10)
+    z = 1.959963984540054
+    centre = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.016 + z * z / 400) / (1 + z * z / 10)
+    assert evaluate.wilson_interval(8, 10) == pytest.approx((100 * (centre - half), 100 * (centre + half)))
+    assert evaluate.wilson_interval(8, 10) == pytest.approx((49.02, 94.33), abs=0.01)  # published table
+    assert evaluate.wilson_interval(10, 10)[1] == pytest.approx(100) and evaluate.wilson_interval(0, 10)[0] == 0
+    assert evaluate.wilson_interval(0, 0) == (0.0, 100.0)
+
+
+def test_mcnemar_exact_against_hand_computed_values():
+    # 12 tiles only A gets right, 7 only B: p = 2 * sum_{k<=7} C(19, k) / 2^19
+    c19 = [1, 19, 171, 969, 3876, 11628, 27132, 50388]  # C(19, 0..7), written out
+    assert evaluate.mcnemar_exact(12, 7) == pytest.approx(2 * sum(c19) / 2**19)
+    assert evaluate.mcnemar_exact(7, 12) == evaluate.mcnemar_exact(12, 7)
+    assert evaluate.mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # all six discordant tiles favour B
+    assert evaluate.mcnemar_exact(5, 5) == 1.0 and evaluate.mcnemar_exact(0, 0) == 1.0
+    assert 0 < evaluate.mcnemar_exact(400, 330) < 1  # large counts stay exact integers until the end
+
+
+@pytest.mark.parametrize("df,critical", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_critical_values_match_a_printed_t_table(df, critical):
+    assert evaluate.t_critical(df) == pytest.approx(critical, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +351,118 @@ def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, c
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 9 and lines[0].startswith("checkpoint,file,true,predicted,p_01_CLASS0")
     assert sum(line.split(",")[2] == line.split(",")[3] for line in lines[1:]) == round(expected * 8 / 100)
+
+
+@pytest.fixture(scope="module")
+def student(trained, data_dir, tmp_path_factory):
+    """A Multi-Part KD student of the shared teacher."""
+    out = tmp_path_factory.mktemp("student") / "student.pt"
+    distill.main(distill.get_args(student_argv(data_dir, trained, out, "--multipart")))
+    return out
+
+
+def _csv(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_intervals_and_mcnemar_agree_with_the_predictions_csv(trained, student, data_dir, tmp_path):
+    ckpts = [str(trained / "teacher.pt"), str(student)]
+    evaluate.main(evaluate.get_args([*ckpts, "--data", str(data_dir), "--device", "cpu",
+                                     "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.csv")]))
+    report, rows = json.loads((tmp_path / "r.json").read_text()), _csv(tmp_path / "p.csv")
+    right = {c: {r["file"]: r["true"] == r["predicted"] for r in rows if r["checkpoint"] == c} for c in ckpts}
+    for entry in report["checkpoints"]:  # recomputed from the CSV alone
+        n, k = len(right[entry["checkpoint"]]), sum(right[entry["checkpoint"]].values())
+        assert (entry["n_test"], entry["correct"]) == (n, k)
+        assert entry["accuracy_ci95"] == pytest.approx(evaluate.wilson_interval(k, n))
+        assert entry["data"]["folder"] == str(data_dir) and entry["data"]["img_size"] == 32
+    [test] = report["mcnemar"]
+    a, b = right[ckpts[0]], right[ckpts[1]]
+    only_a, only_b = sum(a[f] and not b[f] for f in a), sum(b[f] and not a[f] for f in a)
+    assert (test["only_a"], test["only_b"]) == (only_a, only_b)
+    assert test["p"] == pytest.approx(evaluate.mcnemar_exact(only_a, only_b))
+
+
+def test_plots_write_every_picture(trained, student, data_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), str(student), "--data", str(data_dir),
+                                     "--device", "cpu", "--plots", str(tmp_path / "plots")]))
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["confusion_01_teacher.png", "confusion_02_student.png", "errors_01_teacher.png",
+                     "errors_02_student.png", "learning_curves.png", "table2.png"]
+    for name in names:
+        blob = (tmp_path / "plots" / name).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000  # a real picture, not an empty canvas
+    assert "wrote 6 pictures" in capsys.readouterr().out
+
+
+def test_plots_without_matplotlib_is_one_clear_line(trained, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to import
+    with pytest.raises(mpkd.UserError, match="pip install matplotlib"):
+        evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), "--data", str(data_dir), "--device", "cpu",
+                                         "--plots", str(tmp_path / "plots")]))
+
+
+def test_images_predicts_a_messy_folder_like_the_test_report(student, data_dir, tmp_path):
+    evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--device", "cpu",
+                                     "--predictions", str(tmp_path / "test.csv")]))
+    reported = {Path(r["file"]).name: r for r in _csv(tmp_path / "test.csv")}
+    new = tmp_path / "new"
+    for i, name in enumerate(sorted(reported)):  # copies of the test tiles, nested at any depth
+        folder = new / "slide_a" / "deeper" if i % 2 else new / "slide_b"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes((data_dir / reported[name]["file"]).read_bytes())
+    first = sorted(reported)[0]
+    (new / ".hidden.png").write_bytes((new / "slide_b" / first).read_bytes())
+    (new / ".ipynb_checkpoints").mkdir()
+    (new / ".ipynb_checkpoints" / first).write_bytes((new / "slide_b" / first).read_bytes())
+    Image.open(new / "slide_b" / first).convert("RGBA").save(new / "odd_rgba.png")
+    Image.open(new / "slide_b" / first).convert("P").save(new / "odd_palette.bmp")
+    (new / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
+    (new / "notes.txt").write_text("not an image")
+    out = tmp_path / "new.csv"
+    evaluate.main(evaluate.get_args([str(student), "--images", str(new), "--device", "cpu",
+                                     "--predictions", str(out)]))
+    rows = {r["file"]: r for r in _csv(out)}
+    assert len(rows) == len(reported) + 3 and not any(".hidden" in f or "ipynb" in f for f in rows)
+    assert rows["broken.tif"]["predicted"] == "" and rows["broken.tif"]["error"]
+    assert rows["odd_rgba.png"]["predicted"] and rows["odd_palette.bmp"]["predicted"]
+    classes = [k[2:] for k in _csv(tmp_path / "test.csv")[0] if k.startswith("p_")]
+    for f, r in rows.items():
+        if Path(f).name in reported and "/" in f:
+            expected = reported[Path(f).name]
+            assert r["predicted"] == expected["predicted"] and r["error"] == ""
+            assert [float(r[f"p_{c}"]) for c in classes] == pytest.approx(
+                [float(expected[f"p_{c}"]) for c in classes], abs=1e-5)
+            assert float(r["probability"]) == max(float(r[f"p_{c}"]) for c in classes)
+
+
+def test_images_tta_averages_the_logits_of_both_views(student, data_dir, tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    tile = sorted(data_dir.rglob("*.png"))[0]
+    (folder / "tile.png").write_bytes(tile.read_bytes())
+    evaluate.main(evaluate.get_args([str(student), "--images", str(folder), "--tta", "--device", "cpu",
+                                     "--predictions", str(tmp_path / "tta.csv")]))
+    [row] = _csv(tmp_path / "tta.csv")
+    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
+    model = mpkd.load_model(ckpt, student)
+    image = mpkd.load_images(folder, ["tile.png"], 32)
+    logits = (mpkd.predict(model, image, False) + mpkd.predict(model, image.flip(3), False)) / 2
+    probs = torch.softmax(logits, 1)[0].tolist()
+    assert [float(row[f"p_{c}"]) for c in ckpt["identity"]["classes"]] == pytest.approx(probs, abs=1e-6)
+
+
+def test_images_refuses_an_empty_folder_and_several_checkpoints(student, trained, tmp_path):
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(b"")
+    proc = _script("evaluate.py", student, "--images", tmp_path / "empty", "--device", "cpu", cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "holds no images" in err and err.strip().count("\n") == 0
+    with pytest.raises(mpkd.UserError, match="one checkpoint"):
+        evaluate.main(evaluate.get_args([str(student), str(trained / "teacher.pt"), "--images", str(tmp_path)]))
 
 
 def test_vanilla_alone_and_anchored_students(trained, data_dir, tmp_path):
