@@ -371,6 +371,22 @@ def split_table(data: dict) -> list[str]:
     return lines
 
 
+def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size: int = 150,
+                 slides: int = 10, suffix: str = ".tif") -> Path:
+    """Write a generated stand-in of Kather's shape: `classes` folders of `per_class` noisy tiles of
+    one colour per class, named like Kather's tiles (so --split-by slide works). Not tissue: it is
+    for trying the scripts and measuring speed; accuracies on it say nothing about histology."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = Path(root) / f"{c + 1:02d}_CLASS{c}"
+        folder.mkdir(parents=True)
+        colour = np.array([(c * 70) % 256, (c * 150 + 40) % 256, (255 - c * 60) % 256])
+        for i in range(per_class):
+            pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{c}{i:03d}_CRC-Prim-HE-{i % slides + 1:02d}_x{suffix}")
+    return Path(root)
+
+
 def normalise(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, mirrored where `flip` (B,) is true, ImageNet-normalised."""
     x = images.float().div_(255)

@@ -33,15 +33,7 @@ TIMING = ("seconds", "train_seconds", "images_per_s", "logits_seconds")
 
 def make_dataset(root, classes=4, per_class=10, size=40, slides=5, suffix=".png"):
     """Class folders of real image files; each class has its own colour so that it can be learnt."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        folder = Path(root) / f"{c + 1:02d}_CLASS{c}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            colour = np.array([(c * 70) % 256, (c * 150 + 40) % 256, (255 - c * 60) % 256])
-            pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{c}{i:03d}_CRC-Prim-HE-{i % slides + 1:02d}_x{suffix}")
-    return Path(root)
+    return mpkd.make_standin(root, classes, per_class, size, slides, suffix)
 
 
 @pytest.fixture(scope="module")
