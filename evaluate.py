@@ -265,10 +265,13 @@ def load_checkpoint(path) -> dict:
 def test_part(ckpt, path, args, device, cache):
     """The checkpoint's data and test images, decoded once per split and image size."""
     ident = ckpt["identity"]
-    key = tuple(ident[k] for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac"))
+    key = tuple(ident.get(k) for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac",
+                                       "groups_file"))  # the groups file travels in the checkpoint
     if key not in cache:
         data = mpkd.load_dataset(args.data, *key)
-        cache[key] = (data, mpkd.load_part(data, "test", device))
+        mpkd.check_memory(data, ("test",), device)
+        progress = lambda done, total: print(f"  decoded {done} / {total} test images")
+        cache[key] = (data, mpkd.load_part(data, "test", device, progress))
     data, part = cache[key]
     differ = mpkd.mismatches(ident, data["identity"])
     if differ:

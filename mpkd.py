@@ -13,12 +13,14 @@ the method (KD loss and schedule), models, data, training, checkpoints, and last
 """
 
 import contextlib
+import csv
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,17 +121,94 @@ def parse_anchors(text: str, stored: list[int]) -> list[int]:
 # Models
 
 
-def build_mixnet(name: str, num_classes: int, pretrained: bool) -> torch.nn.Module:
-    """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, ImageNet weights if asked."""
+def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | Path | None = None
+                 ) -> torch.nn.Module:
+    """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, starting from ImageNet
+    weights if asked: from the file `weights` when given, else from timm's cache or its hub."""
     if not timm.is_model(name):
         raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
+    if weights is not None:
+        return load_imagenet_weights(timm.create_model(name, num_classes=num_classes), weights, name)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    cached = _cached_weights(name)
+    if cached is not None:  # no network needed, and no retries against a hub that cannot answer
+        return load_imagenet_weights(timm.create_model(name, num_classes=num_classes), cached, name)
+    ways_out = (f"pass --weights FILE (a state dict or .safetensors of timm's {name} ImageNet "
+                f"weights), or --no-pretrained to train from scratch")
+    if not _hub_reachable():  # offline: say so now rather than after a minute of download retries
+        raise UserError(f"ImageNet weights for {name} are not cached and the Hugging Face hub cannot "
+                        f"be reached; {ways_out}")
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
-    except Exception as err:  # only the weight download can fail here: offline, hub down, proxy
-        raise UserError(
-            f"could not fetch ImageNet weights for {name} ({type(err).__name__}); connect once so timm "
-            f"can cache them, or pass --no-pretrained to train from scratch"
-        ) from None
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except Exception as err:  # only the weight download can fail here: hub down, proxy, quota
+        raise UserError(f"could not fetch ImageNet weights for {name} ({type(err).__name__}); "
+                        f"{ways_out}") from None
+
+
+def _cached_weights(name: str) -> str | None:
+    """The file of `name`'s default pretrained weights in the Hugging Face cache, if it is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_reachable(seconds: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `seconds`."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
+                                 timeout=seconds).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_imagenet_weights(model: torch.nn.Module, path: str | Path, name: str) -> torch.nn.Module:
+    """Load ImageNet weights for `model` from a torch.save state dict (weights_only: no pickled code
+    runs) or a .safetensors file, as timm publishes them. Their classifier (1000 ImageNet classes)
+    is dropped and the model keeps its own new head, as timm does for its own pretrained weights;
+    every other tensor must fit, or the file belongs to another network."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a tensor file, or a pickle that would run code
+        raise UserError(f"--weights {path} is not a state dict or safetensors file "
+                        f"({type(err).__name__})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {path} holds no state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    head = model.pretrained_cfg.get("classifier", "classifier")
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    missing = [k for k in own if not k.startswith(head + ".") and k not in body
+               and not k.endswith("num_batches_tracked")]
+    foreign = [k for k in body if k not in own or own[k].shape != body[k].shape]
+    if missing or foreign:
+        example = (foreign or missing)[0]
+        raise UserError(f"--weights {path} does not fit {name}: {len(missing)} of its tensors missing, "
+                        f"{len(foreign)} unknown or of another shape (e.g. {example}); are they the "
+                        f"weights of another network?")
+    model.load_state_dict(body, strict=False)  # the head keeps its fresh initialisation
+    return model
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -214,11 +293,12 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
 
 
-def decode_images(root: str | Path, files: list[str], size: int) -> tuple[torch.Tensor, dict[str, str]]:
+def decode_images(root: str | Path, files: list[str], size: int,
+                  progress=None) -> tuple[torch.Tensor, dict[str, str]]:
     """Decode `files` into one (N, 3, size, size) uint8 tensor on all cores (threads: PIL releases
     the GIL while it decodes and resizes; each image lands in its own row, so the result is the
     same as decoding one by one). Files that cannot be decoded are returned as {file: reason} and
-    their rows are left zero."""
+    their rows are left zero. `progress(done, total)` is called every 5 s of a long decode."""
     out = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
 
     def one(i):
@@ -228,15 +308,21 @@ def decode_images(root: str | Path, files: list[str], size: int) -> tuple[torch.
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return files[i], str(err) or type(err).__name__
 
+    bad, last = [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        bad = [r for r in pool.map(one, range(len(files))) if r is not None]
+        for done, result in enumerate(pool.map(one, range(len(files))), 1):
+            if result is not None:
+                bad.append(result)
+            if progress is not None and time.perf_counter() - last > 5 and done < len(files):
+                progress(done, len(files))
+                last = time.perf_counter()
     return out, dict(bad)
 
 
-def load_images(root: str | Path, files: list[str], size: int) -> torch.Tensor:
+def load_images(root: str | Path, files: list[str], size: int, progress=None) -> torch.Tensor:
     """Decode `files` once into a (N, 3, size, size) uint8 tensor; any undecodable file is an
     error that names every bad file, not only the first."""
-    images, bad = decode_images(root, files, size)
+    images, bad = decode_images(root, files, size, progress)
     if bad:
         named = "; ".join(f"{Path(root) / f}: {why}" for f, why in list(bad.items())[:10])
         more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -254,6 +340,33 @@ def slide_ids(files: list[str]) -> list[str]:
                             f"{name} has none")
         ids.append(match.group(0))
     return ids
+
+
+def read_groups(path: str | Path, files: list[str]) -> list[str]:
+    """The group (slide or patient) of every file, from a CSV with the columns `file` (relative to
+    --data) and `group`; a file the CSV does not name is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--groups {path} does not exist")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"--groups {path} is not a readable CSV ({err})") from None
+    if not rows or not {"file", "group"} <= set(rows[0]):
+        raise UserError(f"--groups {path} needs a header with the columns file,group (file relative "
+                        f"to --data, group: the slide or patient id)")
+    group_of = {Path(r["file"].strip()).as_posix(): r["group"].strip() for r in rows}
+    missing = [f for f in files if not group_of.get(f)]
+    if missing:
+        raise UserError(f"--groups {path} names no group for {len(missing)} of {len(files)} images, "
+                        f"e.g. {', '.join(missing[:3])}")
+    return [group_of[f] for f in files]
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A short hash of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _take(n: int, frac: float) -> int:
@@ -283,7 +396,7 @@ def _grouped_cut(idx: list[int], labels: list[int], groups: list[str], frac: flo
     """
     names = sorted({groups[i] for i in idx})
     if len(names) < 2:
-        raise UserError(f"--split-by slide needs at least two slides on each side of a cut, "
+        raise UserError(f"a split by slide or group needs at least two of them on each side of a cut, "
                         f"found {names}")
     num_classes = max(labels) + 1
     counts = {g: np.zeros(num_classes) for g in names}
@@ -329,30 +442,126 @@ def fingerprint(files: list[str], labels: list[int]) -> str:
 
 
 def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int, test_frac: float,
-                 val_frac: float) -> dict:
-    """Index a class-folder data set and split it; images are decoded later, part by part."""
+                 val_frac: float, groups_file: str | Path | None = None) -> dict:
+    """Index a class-folder data set and split it; images are decoded later, part by part.
+    `data["warnings"]` names classes that the split leaves without a training or test tile."""
     if not Path(root).exists() and Path(root) == Path(DEFAULT_DATA):
         fetch_kather(root)
     files, labels, classes = find_images(root)
-    groups = slide_ids(files) if split_by == "slide" else None
+    if split_by == "group" and groups_file is None:
+        raise UserError("--split-by group needs --groups FILE.csv (columns file,group)")
+    if split_by != "group" and groups_file is not None:
+        raise UserError(f"--groups is for --split-by group, not --split-by {split_by}")
+    groups = {"slide": slide_ids, "group": lambda f: read_groups(groups_file, f)}.get(split_by)
+    groups = groups(files) if groups else None
     split = split_indices(labels, test_frac, val_frac, split_seed, groups)
     train = split["train"]
     identity = {  # everything the stored teacher logits and checkpoints must agree on
         "classes": classes, "img_size": img_size, "split_by": split_by, "split_seed": split_seed,
         "test_frac": test_frac, "val_frac": val_frac,
         "train_fingerprint": fingerprint([files[i] for i in train], [labels[i] for i in train]),
+        "groups_file": str(Path(groups_file).resolve()) if groups_file else None,
+        "groups_fingerprint": file_fingerprint(groups_file) if groups_file else None,
     }
+    warnings = [f"class {name} has no {part} tile in this split"
+                for c, name in enumerate(classes) for part in ("train", "test")
+                if not any(labels[i] == c for i in split[part])]
     return {"root": str(root), "files": files, "labels": labels, "classes": classes, "groups": groups,
-            "split": split, "identity": identity}
+            "split": split, "identity": identity, "warnings": warnings}
 
 
-def load_part(data: dict, part: str, device: torch.device) -> dict:
-    """Decode one part of the split onto `device`: uint8 images (N, 3, S, S) and labels (N,)."""
+def check_images_open(data: dict) -> None:
+    """Open every image of the data set, all parts, before any training: a header read, no full
+    decode, on all cores; every file that does not open is named at once."""
+    def opens(name):
+        try:
+            with Image.open(Path(data["root"]) / name) as img:
+                img.verify()
+            return None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return f"{name} ({err or type(err).__name__})"
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        bad = [r for r in pool.map(opens, data["files"]) if r is not None]
+    if bad:
+        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise UserError(f"{len(bad)} of {len(data['files'])} images under {data['root']} do not open: "
+                        f"{'; '.join(bad[:10])}{more}")
+
+
+def check_memory(data: dict, parts: tuple[str, ...], device: torch.device) -> None:
+    """Refuse to decode parts that cannot fit: uint8 bytes against the device's free memory (and
+    the host's, where every image is decoded first)."""
+    size = data["identity"]["img_size"]
+    need = sum(len(data["split"][p]) for p in parts) * 3 * size * size
+    budgets = [("this machine's available memory", _available_host_bytes())]
+    if device.type == "cuda":
+        budgets.append((f"{device}'s free memory", torch.cuda.mem_get_info(device)[0]))
+    for where, have in budgets:
+        if have is not None and need > 0.8 * have:  # leave room for the model and activations
+            count = sum(len(data["split"][p]) for p in parts)
+            raise UserError(f"{count} images at {size} px need {_size(need)} as uint8, more than 80% "
+                            f"of {where} ({_size(have)}); lower --img-size or use fewer images")
+
+
+def _size(n: int) -> str:
+    """Bytes for a reader: 98.3 kB, 3.8 GB."""
+    return next(f"{n / 10 ** e:.1f} {u}" for e, u in ((12, "TB"), (9, "GB"), (6, "MB"), (3, "kB"), (0, "B"))
+                if n >= 10 ** e or e == 0)
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (unknown: not checked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def few_batches_note(n_train: int, batch_size: int) -> str | None:
+    """A note for tiny data: with few batches per epoch, BatchNorm's running statistics (eval mode)
+    lag far behind the batch statistics the network trains with."""
+    batches = n_train // batch_size + (n_train % batch_size >= 2)
+    if batches >= 10:
+        return None
+    return (f"note: only {batches} batch(es) per epoch ({n_train} training images, --batch-size "
+            f"{batch_size}). Eval mode (validation, the teacher logits, testing) uses BatchNorm's "
+            f"running statistics, which move 10% towards each batch's: after an epoch they still "
+            f"carry {0.9 ** batches:.0%} of what they were before it, so eval-mode accuracy can sit at "
+            f"chance with every tile given one class while training accuracy rises. Use a smaller "
+            f"--batch-size (at least 10 batches per epoch; 20 or more is better) or more images.")
+
+
+def load_part(data: dict, part: str, device: torch.device, progress=None) -> dict:
+    """Decode one part of the split onto `device`: uint8 images (N, 3, S, S) and labels (N,);
+    `progress(done, total)` is called every few seconds of a long decode."""
     idx = data["split"][part]
-    images = load_images(data["root"], [data["files"][i] for i in idx], data["identity"]["img_size"])
+    images = load_images(data["root"], [data["files"][i] for i in idx], data["identity"]["img_size"],
+                         progress)
     labels = torch.tensor([data["labels"][i] for i in idx], dtype=torch.long)
     return {"images": images.to(device), "labels": labels.to(device),
             "files": [data["files"][i] for i in idx]}
+
+
+def decode_for_training(data: dict, device: torch.device, batch_size: int, say, warn) -> tuple[dict, dict]:
+    """What both training scripts do before their first epoch: show the split, check that every
+    image (test part included) opens and that the decoded parts fit, then decode the training and
+    validation parts onto `device`. `say` and `warn` print to stdout and stderr."""
+    say("\n".join(split_table(data)))
+    for line in data["warnings"]:
+        warn(f"warning: {line}")
+    check_images_open(data)
+    check_memory(data, ("train", "val"), device)
+    progress = lambda done, total: say(f"  decoded {done} / {total} images")
+    train, val = load_part(data, "train", device, progress), load_part(data, "val", device, progress)
+    note = few_batches_note(len(train["labels"]), batch_size)
+    if note:
+        warn(note)
+    return train, val
 
 
 def split_table(data: dict) -> list[str]:
@@ -362,12 +571,14 @@ def split_table(data: dict) -> list[str]:
         cells = []
         for part in ("train", "val", "test"):
             idx = [i for i in data["split"][part] if data["labels"][i] == c]
-            slides = f" ({len({data['groups'][i] for i in idx})} sl)" if data["groups"] else ""
+            unit = "sl" if data["identity"]["split_by"] == "slide" else "gr"  # slides or groups
+            slides = f" ({len({data['groups'][i] for i in idx})} {unit})" if data["groups"] else ""
             cells.append(f"{len(idx)}{slides}")
         lines.append(f"{name:<14}" + "".join(f"{cell:>16}" for cell in cells))
     if data["groups"]:
         sides = {p: sorted({data["groups"][i] for i in data["split"][p]}) for p in ("train", "val", "test")}
-        lines.append("slides: " + "; ".join(f"{p} {' '.join(names)}" for p, names in sides.items()))
+        kind = "slides" if data["identity"]["split_by"] == "slide" else "groups"
+        lines.append(f"{kind}: " + "; ".join(f"{p} {' '.join(names)}" for p, names in sides.items()))
     return lines
 
 
@@ -648,9 +859,8 @@ def check_settings(args: dict) -> None:
     for name, ok, why in rules:
         if name in args and not ok(args[name]):
             raise UserError(f"--{name.replace('_', '-')} {args[name]} {why}")
-    if "save_every" in args and not 0 < args["save_every"] <= args["epochs"]:
-        raise UserError(f"--save-every {args['save_every']} must be between 1 and "
-                        f"--epochs {args['epochs']}")
+    if "save_every" in args and args["save_every"] <= 0:
+        raise UserError(f"--save-every {args['save_every']} must be positive")
 
 
 def _atomic_write(path: str | Path, write) -> None:
@@ -661,6 +871,9 @@ def _atomic_write(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)  # mkstemp makes 0600 files: give the mode a new file gets here (e.g. 0644)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-save
             stale.unlink(missing_ok=True)
@@ -751,14 +964,45 @@ def open_state(args: dict, data_identity: dict) -> dict | None:
     return state
 
 
-def load_teacher_logits(path: str | Path, identity: dict) -> dict:
-    """Load a teacher logits file ({"logits": {stored epoch: (N_train, 2, C)}, ...}), refusing one
-    made from other data, split, image size or classes. Files of the earlier format are read too."""
+def load_teacher_logits(path: str | Path) -> dict:
+    """Load a teacher logits file ({"logits": {stored epoch: (N_train, 2, C)}, "identity": ...});
+    files of the earlier format are read too."""
     stored = load_file(path, (LOGITS_FORMAT, OLD_LOGITS_FORMAT))
     if stored["format"] == OLD_LOGITS_FORMAT:  # same tensors; that version named their key "outputs"
         stored = {**stored, "format": LOGITS_FORMAT, "logits": stored.pop("outputs")}
-    differ = mismatches(identity, stored["identity"])
-    if differ:
-        raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
     return stored
 
+
+def check_same_data(found: dict, identity: dict, path: str | Path) -> None:
+    """Refuse a file (teacher logits) made from other data, split, image size, groups or classes."""
+    differ = mismatches(identity, found)
+    if differ:
+        raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
+
+
+DATA_DEFAULTS = {"img_size": 112, "split_by": "tile", "split_seed": 0, "test_frac": 0.2, "val_frac": 0.2,
+                 "groups": None}  # the paper's (--groups FILE has none); flags default to None
+
+
+def resolve_data_settings(args: dict, recorded: dict | None = None, source: str = "") -> None:
+    """Fill in place the data settings left unset (None) in `args`: from `recorded` (the identity in
+    a teacher logits file) when given, else the paper's defaults. A setting the user gave that
+    differs from `recorded` is refused, naming the flag and the value to pass."""
+    for key, default in DATA_DEFAULTS.items():
+        if key not in args:
+            continue
+        if key == "split_by" and args.get("groups") and recorded is None:
+            default = "group"  # --groups FILE alone asks for a split by its groups
+        known = default if recorded is None else recorded.get("groups_file" if key == "groups" else key)
+        given = args[key]
+        if given is None:
+            args[key] = known
+            continue
+        if key == "groups":
+            given = args[key] = str(Path(given).resolve())
+        if recorded is not None and given != known:
+            flag = "--" + key.replace("_", "-")
+            fix = f"pass {flag} {known}" if known is not None else f"leave out {flag}"
+            raise UserError(f"{flag} {given} differs from {source}, which was made with "
+                            f"{f'{flag} {known}' if known is not None else f'no {flag}'}: {fix}, or "
+                            f"leave it out to take it from that file")

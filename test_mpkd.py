@@ -515,8 +515,10 @@ def test_slide_split_end_to_end_and_mixing_modes_is_refused(trained, data_dir, t
     assert "slides: train" in capsys.readouterr().out
     stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
     assert stored["identity"]["split_by"] == "slide"
-    with pytest.raises(mpkd.UserError, match="split_by"):  # tile-split student, slide-split teacher
-        distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt")))
+    with pytest.raises(mpkd.UserError, match="--split-by tile differs.*pass --split-by slide"):
+        distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt", "--split-by", "tile")))
+    distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt")))  # follows the teacher
+    assert mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["identity"] == stored["identity"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,7 +566,7 @@ def test_resume_with_other_settings_is_refused(trained, data_dir, tmp_path, monk
                      mpkd.state_path(tmp_path / "s.pt"))
     with pytest.raises(mpkd.UserError, match="seed: found 1, expected 0"):
         distill.main(distill.get_args(argv + ["--resume", "--seed", "1"]))
-    with pytest.raises(mpkd.UserError, match="img_size"):
+    with pytest.raises(mpkd.UserError, match="--img-size 48 differs"):
         distill.main(distill.get_args(argv + ["--resume", "--img-size", "48"]))
 
 
@@ -671,12 +673,12 @@ def test_class_folder_without_images_and_undecodable_image(tmp_path):
     data = mpkd.load_dataset(root, 32, "tile", 0, 0.2, 0.2)
     broken = data["files"][data["split"]["train"][0]]
     (root / broken).write_bytes(b"II*\x00 not really a tiff")
-    with pytest.raises(mpkd.UserError, match=f"cannot decode image .*{Path(broken).name}"):
+    with pytest.raises(mpkd.UserError, match=f"1 of 6 images .* do not open: .*{Path(broken).name}"):
         train_teacher.main(train_teacher.get_args(teacher_argv(root, tmp_path)))
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--save-every", "0"], "--save-every 0"), (["--save-every", "3"], "--save-every 3"),
+    (["--save-every", "0"], "--save-every 0"),
     (["--epochs", "0"], "--epochs 0"), (["--batch-size", "-1"], "--batch-size -1"),
     (["--lr", "0"], "--lr 0"), (["--img-size", "16"], "--img-size 16"),
 ])
@@ -704,7 +706,8 @@ def test_missing_truncated_and_foreign_teacher_files(trained, data_dir, tmp_path
         distill.main(distill.get_args(argv(tmp_path / "cut.pt")))
     with pytest.raises(mpkd.UserError, match="not a mpkd-teacher-logits"):
         distill.main(distill.get_args(argv(trained / "teacher.pt")))
-    for extra, match in [(["--split-seed", "1"], "train_fingerprint"), (["--img-size", "48"], "img_size")]:
+    for extra, match in [(["--split-seed", "1"], "--split-seed 1 differs.*pass --split-seed 0"),
+                         (["--img-size", "48"], "--img-size 48 differs.*pass --img-size 32")]:
         with pytest.raises(mpkd.UserError, match=match):
             distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt", *extra)))
     assert not (tmp_path / "s.pt").exists()
@@ -767,8 +770,9 @@ def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "train_teacher.py"), "--data", str(data_dir), "--pretrained",
                            *FAST],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "could not fetch ImageNet weights for mixnet_l" in proc.stderr
-    assert "--no-pretrained" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert proc.returncode == 2 and "ImageNet weights for mixnet_l are not cached" in proc.stderr
+    assert "--weights FILE" in proc.stderr and "--no-pretrained" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(mpkd.UserError, match="not a timm model"):
         mpkd.build_mixnet("no_such_net", 8, pretrained=False)
@@ -787,3 +791,166 @@ def test_timed_turns_alternate_so_that_drift_cancels():
     order = []
     evaluate._median_seconds([lambda: order.append("A"), lambda: order.append("B")], torch.device("cpu"), 4, 0)
     assert "".join(order) == "ABBAABBA"
+
+
+# ----------------------------------------------------------------------------------------------
+# A lab's own data on its own server
+
+
+def _imagenet_weights(tmp_path, name, suffix):
+    """A fake ImageNet weights file as timm publishes them: a 1000-class state dict."""
+    model = mpkd.timm.create_model(name, num_classes=1000)
+    path = tmp_path / f"{name}_imagenet{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(model.state_dict(), str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return model.state_dict(), path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_file_starts_the_network_and_replaces_the_imagenet_head(data_dir, tmp_path, suffix):
+    state, path = _imagenet_weights(tmp_path, "mixnet_s", suffix)
+    model = mpkd.build_mixnet("mixnet_s", 4, pretrained=True, weights=path)
+    assert model.classifier.weight.shape == (4, 1536)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if not k.startswith("classifier"))
+    argv = student_argv(data_dir, tmp_path, tmp_path / "s.pt", "--distill-weight", "0", "--epochs", "1",
+                        "--weights", str(path), "--teacher-logits", str(tmp_path / "none.pt"))
+    distill.main(distill.get_args(argv))  # the whole run starts from the file, no network involved
+
+
+def test_weights_of_another_network_or_with_pickled_code_are_refused(tmp_path):
+    _, path = _imagenet_weights(tmp_path, "mixnet_s", ".pth")
+    with pytest.raises(mpkd.UserError, match="does not fit mixnet_l.*another network"):
+        mpkd.build_mixnet("mixnet_l", 4, pretrained=True, weights=path)
+    torch.save({"conv_stem.weight": Path("/")}, tmp_path / "pickled.pth")  # not loadable weights_only
+    with pytest.raises(mpkd.UserError, match="not a state dict"):
+        mpkd.build_mixnet("mixnet_s", 4, pretrained=True, weights=tmp_path / "pickled.pth")
+    with pytest.raises(mpkd.UserError, match="does not exist"):
+        mpkd.build_mixnet("mixnet_s", 4, pretrained=True, weights=tmp_path / "none.pth")
+
+
+def test_pretrained_offline_fails_at_once_and_a_cached_copy_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(mpkd, "_hub_reachable", lambda seconds=3.0: False)
+    monkeypatch.setattr(mpkd, "_cached_weights", lambda name: None)
+    with pytest.raises(mpkd.UserError, match="cannot be reached; pass --weights FILE.*--no-pretrained"):
+        mpkd.build_mixnet("mixnet_s", 4, pretrained=True)
+    state, path = _imagenet_weights(tmp_path, "mixnet_s", ".safetensors")
+    monkeypatch.setattr(mpkd, "_cached_weights", lambda name: str(path))  # as the Hugging Face cache has it
+    model = mpkd.build_mixnet("mixnet_s", 4, pretrained=True)
+    assert torch.equal(model.conv_stem.weight, state["conv_stem.weight"])
+
+
+def test_hidden_folders_and_macos_debris_are_ignored(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=2, per_class=3)
+    for folder in (root / "01_CLASS0" / ".ipynb_checkpoints", root / "__MACOSX" / "01_CLASS0", root / ".cache"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / "copy.png")
+    files, labels, classes = mpkd.find_images(root)
+    assert classes == ["01_CLASS0", "02_CLASS1"] and len(files) == 6
+    assert not any("ipynb" in f or "MACOSX" in f for f in files)
+    (root / "03_ONLY_HIDDEN" / ".ipynb_checkpoints").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "03_ONLY_HIDDEN" / ".ipynb_checkpoints" / "a.png")
+    with pytest.raises(mpkd.UserError, match="03_ONLY_HIDDEN holds only hidden or __MACOSX images"):
+        mpkd.find_images(root)
+
+
+def _groups_csv(root, path, patients=6):
+    files, _, _ = mpkd.find_images(root)
+    lines = ["file,group"] + [f"{f},patient{i % patients}" for i, f in enumerate(files)]
+    path.write_text("\n".join(lines) + "\n")
+    return files
+
+
+def test_group_split_from_a_csv_travels_with_the_teacher_logits(tmp_path, capsys):
+    root = make_dataset(tmp_path / "d", classes=3, per_class=12)
+    files = _groups_csv(root, tmp_path / "groups.csv")
+    group = {f: f"patient{i % 6}" for i, f in enumerate(files)}
+    train_teacher.main(train_teacher.get_args(teacher_argv(root, tmp_path, "--groups", tmp_path / "groups.csv",
+                                                           "--epochs", "1")))
+    stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
+    ident = stored["identity"]
+    assert ident["split_by"] == "group" and ident["groups_file"] == str((tmp_path / "groups.csv").resolve())
+    assert ident["groups_fingerprint"] == mpkd.file_fingerprint(tmp_path / "groups.csv")
+    data = mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "groups.csv")
+    sides = [{group[data["files"][i]] for i in data["split"][p]} for p in ("train", "val", "test")]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert "groups: train" in capsys.readouterr().out
+    # the student names no split flag at all: it takes them, groups file included, from the logits
+    distill.main(distill.get_args(["--data", str(root), "--teacher-logits", str(tmp_path / "teacher_logits.pt"),
+                                   "--out", str(tmp_path / "s.pt"), "--epochs", "1", "--batch-size", "8",
+                                   "--device", "cpu"]))
+    assert mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["identity"] == ident
+    rows = evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--data", str(root), "--device", "cpu"]))
+    assert rows[0]["data"]["groups_fingerprint"] == ident["groups_fingerprint"]
+    (tmp_path / "groups.csv").write_text((tmp_path / "groups.csv").read_text().replace("patient1", "patient2"))
+    with pytest.raises(mpkd.UserError, match="groups_fingerprint"):  # a changed file is refused
+        evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--data", str(root), "--device", "cpu"]))
+
+
+def test_groups_file_missing_a_tile_or_without_header_is_refused(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=2, per_class=4)
+    _groups_csv(root, tmp_path / "g.csv")
+    lines = (tmp_path / "g.csv").read_text().splitlines()
+    (tmp_path / "g.csv").write_text("\n".join(lines[:-2]) + "\n")
+    with pytest.raises(mpkd.UserError, match="no group for 2 of 8 images"):
+        mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
+    (tmp_path / "g.csv").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(mpkd.UserError, match="header with the columns file,group"):
+        mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
+
+
+def test_a_class_without_test_tiles_is_a_warning(tmp_path, capsys):
+    root = make_dataset(tmp_path / "d", classes=3, per_class=12)
+    files, labels, _ = mpkd.find_images(root)
+    # class 0 entirely in one patient, which the seeded split puts on the training side
+    lines = ["file,group"] + [f"{f},{'p0' if c == 0 else f'p{1 + i % 5}'}" for i, (f, c) in enumerate(zip(files, labels))]
+    (tmp_path / "g.csv").write_text("\n".join(lines) + "\n")
+    data = mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
+    side = next(p for p in ("train", "val", "test") if any(data["labels"][i] == 0 for i in data["split"][p]))
+    missing = {"train", "test"} - {side}
+    assert sorted(data["warnings"]) == sorted(f"class 01_CLASS0 has no {p} tile in this split" for p in missing)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        mpkd.save_atomic({"format": "x"}, tmp_path / "a.pt")
+        mpkd.write_text_atomic("{}", tmp_path / "a.json")
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.pt", "a.json")] == [mode, mode]
+
+
+def test_a_corrupt_test_image_is_caught_before_training(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=2, per_class=5)
+    data = mpkd.load_dataset(root, 32, "tile", 0, 0.2, 0.2)
+    bad = [data["files"][i] for i in (data["split"]["test"][0], data["split"]["val"][0])]
+    for name in bad:
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(mpkd.UserError, match="2 of 10 images .* do not open") as err:
+        train_teacher.main(train_teacher.get_args(teacher_argv(root, tmp_path)))
+    assert all(name in str(err.value) for name in bad)  # every bad file named at once
+    assert not mpkd.state_path(tmp_path / "teacher.pt").exists()  # no epoch was started
+
+
+def test_parallel_decode_equals_decoding_one_by_one(data_dir):
+    files, _, _ = mpkd.find_images(data_dir)
+    images, bad = mpkd.decode_images(data_dir, files, 32)
+    assert not bad and torch.equal(images, torch.stack([mpkd.decode_image(data_dir / f, 32) for f in files]))
+
+
+def test_fewer_epochs_than_save_every_stores_the_last_and_tiny_data_is_explained(data_dir, tmp_path, capsys):
+    train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--save-every", "5")))
+    assert list(mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.LOGITS_FORMAT)["logits"]) == [2]
+    err = capsys.readouterr().err
+    assert "--save-every 5 is more than --epochs 2" in err
+    assert err.count("batch(es) per epoch") == 1 and "--batch-size" in err  # said once, with what to change
+
+
+def test_data_that_cannot_fit_is_refused_with_the_numbers(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(mpkd, "_available_host_bytes", lambda: 10_000)
+    with pytest.raises(mpkd.UserError, match=r"32 images at 32 px need 98.3 kB as uint8, .* \(10.0 kB\); lower --img-size"):
+        train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path)))

@@ -30,8 +30,9 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=5,
                    help="store the teacher logits every K epochs (and after the last)")
     # The flags below are the same in distill.py (test_shared_flags_agree_between_the_training_scripts).
-    p.add_argument("--img-size", type=int, default=112,
-                   help="images are resized to this square size (at least 32)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="images are resized to this square size, at least 32 (unset: 112, or in "
+                        "distill.py what the teacher logits were made with; likewise the split flags)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="batch size (the paper says 64 and 128; 64 is used)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -39,13 +40,21 @@ def get_args(argv=None):
                    help="StepLR: multiply the learning rate by --gamma every this many epochs")
     p.add_argument("--gamma", type=float, default=0.5, help="StepLR factor")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, shuffling and flips")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the train/val/test split (teacher and students must agree)")
-    p.add_argument("--split-by", choices=("tile", "slide"), default="tile",
-                   help="split tiles at random (paper) or by source slide")
-    p.add_argument("--test-frac", type=float, default=0.2,
-                   help="fraction of every class held out for testing")
-    p.add_argument("--val-frac", type=float, default=0.2, help="fraction of the rest used for validation")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/val/test split, teacher and students must agree (unset: 0)")
+    p.add_argument("--split-by", choices=("tile", "slide", "group"), default=None,
+                   help="split tiles at random (paper), by Kather slide id, or by the groups of "
+                        "--groups (unset: tile, or group with --groups)")
+    p.add_argument("--groups", default=None, metavar="FILE.csv",
+                   help="CSV with columns file (relative to --data) and group (slide or patient id) "
+                        "for --split-by group")
+    p.add_argument("--test-frac", type=float, default=None,
+                   help="fraction of every class held out for testing (unset: 0.2)")
+    p.add_argument("--val-frac", type=float, default=None,
+                   help="fraction of the rest used for validation (unset: 0.2)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="ImageNet weights to start from instead of timm's download: a state dict "
+                        "(.pt/.pth/.bin) or .safetensors of the same network, 1000-class head")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (no-op on CPU)")
@@ -57,19 +66,24 @@ def get_args(argv=None):
 
 def main(args):
     config = vars(args)
+    mpkd.resolve_data_settings(config)  # unset data flags take the paper's values
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, args.logits_out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
     data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed,
-                             args.test_frac, args.val_frac)
+                             args.test_frac, args.val_frac, args.groups)
     state = mpkd.open_state(config, data["identity"])  # refuses a stale or foreign state before decoding
-    print("\n".join(mpkd.split_table(data)))
-    train, val = mpkd.load_part(data, "train", device), mpkd.load_part(data, "val", device)
     mpkd.seed_everything(args.seed)
-    # On resume the weights come from the state: no need to fetch ImageNet weights again.
-    model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None)
+    # Built before decoding, so that missing weights stop the run at once; on resume the
+    # weights come from the state, so no ImageNet weights are fetched.
+    model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
+                              args.weights if state is None else None)
     model = mpkd.to_device(model, device)
+    train, val = mpkd.decode_for_training(data, device, args.batch_size, print, warn)
     stored_epochs = set(range(args.save_every, args.epochs + 1, args.save_every)) | {args.epochs}
+    if args.save_every > args.epochs:
+        warn(f"note: --save-every {args.save_every} is more than --epochs {args.epochs}: the teacher "
+             f"logits are stored after the last epoch only, so students can only do vanilla KD")
 
     def store_logits(epochs_done, model, extra):
         if epochs_done not in stored_epochs:
@@ -89,6 +103,10 @@ def main(args):
     mpkd.save_atomic(teacher_logits, args.logits_out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(f"wrote {args.out} and {args.logits_out} (stored epochs {sorted(teacher_logits['logits'])})")
+
+
+def warn(line):
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":
