@@ -17,18 +17,20 @@ import csv
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import socket
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+import torch.multiprocessing  # noqa: F401  (shares tensors with worker processes)
 import torch.nn.functional as F
 from PIL import Image
 
@@ -284,39 +286,74 @@ def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes
 
 
+def _decode_into(job: tuple) -> list[tuple[str, str]]:
+    """Decode files into `out` (a (n, 3, size, size) uint8 tensor, shared with the parent process
+    when this runs in a worker); returns the files that failed, with the reason (rows stay zero)."""
+    root, files, out = job
+    rows = out.numpy()  # numpy only from here: torch's thread pools must not run in a forked worker
+    size, bad = rows.shape[-1], []
+    for i, name in enumerate(files):
+        try:
+            with Image.open(Path(root) / name) as img:
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking
+                rows[i] = np.asarray(img).transpose(2, 0, 1)  # (3, H, W)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            bad.append((name, str(err) or type(err).__name__))
+    return bad
+
+
 def decode_image(path: str | Path, size: int) -> torch.Tensor:
     """One image as a (3, size, size) uint8 tensor: any mode becomes RGB, any size is resized."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+    out = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    bad = _decode_into((Path(path).parent, [Path(path).name], out))
+    if bad:
+        raise UserError(f"cannot decode image {path}: {bad[0][1]}")
+    return out[0]
 
 
 def decode_images(root: str | Path, files: list[str], size: int,
                   progress=None) -> tuple[torch.Tensor, dict[str, str]]:
-    """Decode `files` into one (N, 3, size, size) uint8 tensor on all cores (threads: PIL releases
-    the GIL while it decodes and resizes; each image lands in its own row, so the result is the
-    same as decoding one by one). Files that cannot be decoded are returned as {file: reason} and
-    their rows are left zero. `progress(done, total)` is called every 5 s of a long decode."""
+    """Decode `files` into one (N, 3, size, size) uint8 tensor, on all cores for large sets: worker
+    processes write chunks straight into shared memory (threads would not help: PIL holds the GIL
+    while it decodes), and every image lands in its own row, so the result is the same as decoding
+    one by one. Files that cannot be decoded are returned as {file: reason}, their rows left zero.
+    `progress(done, total)` is called every 5 s of a long decode."""
     out = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
-
-    def one(i):
-        try:
-            out[i] = decode_image(Path(root) / files[i], size)
-            return None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return files[i], str(err) or type(err).__name__
-
-    bad, last = [], time.perf_counter()
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for done, result in enumerate(pool.map(one, range(len(files))), 1):
-            if result is not None:
-                bad.append(result)
+    chunk = 128
+    starts = range(0, len(files), chunk)
+    workers = min(os.cpu_count() or 1, len(starts))
+    # fork: the workers start at once, with no re-import. In-process where there is no fork, or
+    # where /dev/shm is too small to share the images (Docker's default is 64 MB).
+    parallel = (workers > 1 and "fork" in multiprocessing.get_all_start_methods()
+                and _shm_room() > 1.2 * out.numel())
+    if parallel:
+        out.share_memory_()  # torch.multiprocessing passes views of it to the workers, not copies
+    jobs = [(str(root), files[i:i + chunk], out[i:i + chunk]) for i in starts]
+    bad, last, done = [], time.perf_counter(), 0
+    with contextlib.ExitStack() as stack:
+        if parallel:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, multiprocessing.get_context("fork")))
+            results = pool.map(_decode_into, jobs)
+        else:
+            results = map(_decode_into, jobs)
+        for failed, job in zip(results, jobs):
+            bad += failed
+            done += len(job[1])
             if progress is not None and time.perf_counter() - last > 5 and done < len(files):
                 progress(done, len(files))
                 last = time.perf_counter()
     return out, dict(bad)
+
+
+def _shm_room() -> int:
+    """Free bytes in /dev/shm, where shared tensors live; 0 where there is none."""
+    try:
+        stat = os.statvfs("/dev/shm")
+        return stat.f_bavail * stat.f_frsize
+    except OSError:
+        return 0
 
 
 def load_images(root: str | Path, files: list[str], size: int, progress=None) -> torch.Tensor:
