@@ -4,10 +4,13 @@
     python distill.py --out vanilla.pt            # vanilla KD: the last stored teacher epoch only
     python distill.py --distill-weight 0 --out alone.pt       # the student alone: no teacher file
     python distill.py --anchors 5,15,30,50 --out anchors.pt   # chosen stored epochs, spread evenly
+    python distill.py --anchors auto --out auto.pt            # anchors the student chooses itself
 
 The KD target of every image is the stored teacher logits of exactly the view (plain or mirrored)
 the student is trained on, so no teacher runs during distillation. Writes student.pt and
-student.log.jsonl; a killed run continues with the same command plus --resume.
+student.log.jsonl; a killed run continues with the same command plus --resume. Where the teacher
+logits file holds validation logits, every epoch's log also records the route: the student's KL
+divergence from, and top-1 agreement with, every stored teacher epoch on the validation images.
 """
 
 import argparse
@@ -15,6 +18,8 @@ import sys
 from pathlib import Path
 
 import mpkd
+
+AUTO_THRESHOLD = 0.5  # --auto-threshold's default; how it was chosen: README, "Anchors the student chooses"
 
 
 def get_args(argv=None):
@@ -31,7 +36,11 @@ def get_args(argv=None):
     p.add_argument("--multipart", action="store_true",
                    help="follow every stored teacher epoch in turn (else: the last only)")
     p.add_argument("--anchors", default=None,
-                   help="comma-separated stored teacher epochs to follow, e.g. 5,15,30,50")
+                   help="comma-separated stored teacher epochs to follow, e.g. 5,15,30,50; or auto: "
+                        "the student moves along the stored epochs by the greedy rule of --auto-threshold")
+    p.add_argument("--auto-threshold", type=float, default=AUTO_THRESHOLD,
+                   help="--anchors auto moves to the latest stored epoch whose KL from the student exceeds "
+                        "the current one's by at most this times the KL closed since following it")
     p.add_argument("--temperature", type=float, default=5.0, help="softmax temperature T of the KD term")
     p.add_argument("--distill-weight", type=float, default=0.5,
                    help="w in (1-w)*CE + w*T^2*KL; 0 trains the student alone")
@@ -81,16 +90,66 @@ def read_teacher(args):
 
 
 def teacher_anchors(args, teacher):
-    """The stored epochs to follow: all (--multipart), chosen (--anchors) or the last; [] alone."""
+    """The stored epochs to follow: all (--multipart or --anchors auto, which chooses among them),
+    chosen (--anchors) or the last; [] for the student alone."""
     if args.distill_weight == 0:
         return []
     stored = list(teacher["logits"])
+    if args.anchors == "auto":
+        if "val_logits" not in teacher or not args.val_frac:
+            raise mpkd.UserError(
+                f"--anchors auto measures the student against every stored teacher epoch on the "
+                f"validation images: it needs a validation part (--val-frac > 0) and teacher logits "
+                f"with validation logits (an older {args.teacher_logits} has none: train the teacher again)")
+        return sorted(stored)
     if args.anchors:
         return mpkd.parse_anchors(args.anchors, stored)
     if args.multipart and len(stored) == 1:
-        print(f"warning: {args.teacher_logits} holds only teacher epoch {stored[0]}: "
-              f"--multipart is vanilla KD with this file", file=sys.stderr)
+        warn(f"warning: {args.teacher_logits} holds only teacher epoch {stored[0]}: "
+             f"--multipart is vanilla KD with this file")
     return sorted(stored) if args.multipart else [max(stored)]
+
+
+def route_logits(args, teacher, val, device):
+    """The teacher's validation logits {stored epoch: (N_val, C)} on `device` for the route, or
+    None: no teacher file, no validation part, or a file from before validation logits were stored."""
+    if teacher is None or not len(val["labels"]):
+        return None
+    if "val_logits" not in teacher:
+        warn(f"note: {args.teacher_logits} holds no validation logits (an older file): "
+             f"the route is not logged")
+        return None
+    return {epoch: logits.to(device) for epoch, logits in teacher["val_logits"].items()}
+
+
+def student_hooks(args, anchors, teacher_val):
+    """fit()'s after_epoch: the stored epoch followed, the route, and for --anchors auto the choice
+    of the next anchor (kept in the resumable state, so a resumed run chooses the same)."""
+    auto = args.anchors == "auto"
+    schedule = mpkd.teacher_schedule(args.epochs, anchors) if anchors and not auto else None
+    final_epochs = -(-args.epochs // len(anchors)) if anchors else 0  # the final teacher's equal share
+
+    def after_epoch(done, model, extra, val_logits):
+        record = {}
+        if anchors:
+            record["teacher_epoch"] = extra["auto"]["current"] if auto else schedule[done - 1]
+        if teacher_val is not None:
+            record["route"] = mpkd.route(val_logits, teacher_val, args.temperature)
+        if auto and done < args.epochs:
+            now = {d["teacher_epoch"]: d["kl"] for d in record["route"]}
+            current, start = extra["auto"]["current"], extra["auto"]["start"]
+            chosen = mpkd.next_auto_anchor(anchors, current, now, start, args.auto_threshold,
+                                           args.epochs - done, final_epochs)
+            if chosen != current:
+                why = (" (only the final teacher's share of epochs is left)"
+                       if args.epochs - done <= final_epochs else "")
+                print(f"auto anchors: after epoch {done} the KL from teacher@{current} fell {start:.4f} -> "
+                      f"{now[current]:.4f}; teacher@{chosen} is at {now[chosen]:.4f}: "
+                      f"following teacher@{chosen}{why}")
+                extra["auto"] = {"current": chosen, "start": now[chosen]}
+        return record
+
+    return schedule, after_epoch
 
 
 def main(args):
@@ -104,32 +163,41 @@ def main(args):
                              args.test_frac, args.val_frac, args.groups)
     state = mpkd.open_state(config, data["identity"])
     anchors = teacher_anchors(args, teacher)
-    if anchors:  # the same data, split and classes as the teacher's, or a refusal naming the difference
+    if teacher is not None:  # the teacher's data, split and classes, or a refusal naming the difference
         mpkd.check_same_data(teacher["identity"], data["identity"], args.teacher_logits)
-    method = mpkd.kd_method(args.distill_weight, anchors)
-    schedule = mpkd.teacher_schedule(args.epochs, anchors) if anchors else None
+    method = mpkd.kd_method(args.distill_weight, anchors, args.anchors == "auto")
     mpkd.seed_everything(args.seed)  # before decoding: missing --weights stop the run at once
     model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
                               args.weights if state is None else None)
     model = mpkd.to_device(model, device)
     train, val = mpkd.decode_for_training(data, device, args.batch_size, print, warn)
-    if anchors:
-        stored = {epoch: teacher["logits"][epoch].to(device) for epoch in anchors}  # (N_train, 2, C) each
-        if len(stored[anchors[0]]) != len(train["labels"]):
-            raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training "
-                                 f"images, the split has {len(train['labels'])}")
+    stored = {epoch: teacher["logits"][epoch].to(device) for epoch in anchors}  # (N_train, 2, C) each
+    if anchors and len(stored[anchors[0]]) != len(train["labels"]):
+        raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training "
+                             f"images, the split has {len(train['labels'])}")
+    teacher_val = route_logits(args, teacher, val, device)
+    schedule, after_epoch = student_hooks(args, anchors, teacher_val)
+    start = None
+    if args.anchors == "auto" and state is None:  # how far the untrained student is from the first anchor
+        untrained = mpkd.predict(model, val["images"], args.amp)
+        kl = mpkd.route(untrained, {anchors[0]: teacher_val[anchors[0]]}, args.temperature)[0]["kl"]
+        start = {"auto": {"current": anchors[0], "start": kl}}
+        print(f"auto anchors: starting from teacher@{anchors[0]} (KL {kl:.4f}), threshold {args.auto_threshold}")
     followed = f"; teacher epoch followed in each student epoch: {schedule}" if schedule else ""
     print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
           f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
           f"on {device}{followed}")
     run = mpkd.fit(model, train, val, config, data["identity"], state,
-                   teacher_logits_for=(lambda e: stored[schedule[e]]) if schedule else None,
-                   after_epoch=(lambda done, m, extra: {"teacher_epoch": schedule[done - 1]})
-                   if schedule else None, say=print)
+                   teacher_logits_for=(lambda e, extra: stored[schedule[e] if schedule
+                                                               else extra["auto"]["current"]]) if anchors else None,
+                   after_epoch=after_epoch, say=print, extra=start)
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
+    if anchors:  # the stored teacher epoch each student epoch followed, as chosen or scheduled
+        checkpoint["schedule"] = [r["teacher_epoch"] for r in run["history"]]
     mpkd.save_atomic(checkpoint, args.out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    print(f"wrote {args.out} ({method})")
+    print(f"wrote {args.out} ({method})" + (f"; teacher epochs followed: {checkpoint['schedule']}"
+                                           if args.anchors == "auto" else ""))
 
 
 def warn(line):

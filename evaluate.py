@@ -31,9 +31,9 @@ from PIL import Image
 import mpkd
 
 ROW_COLOURS = {"teacher": "#444444", "student alone": "#1f77b4", "vanilla KD": "#ff7f0e",
-               "Multi-Part KD": "#2ca02c"}
+               "Multi-Part KD": "#2ca02c", "Multi-Part KD, auto anchors": "#9467bd"}
 TABLE2_PAIRS = [("Multi-Part KD", "vanilla KD"), ("vanilla KD", "student alone"),
-                ("Multi-Part KD", "student alone")]
+                ("Multi-Part KD", "student alone"), ("Multi-Part KD, auto anchors", "Multi-Part KD")]
 IMAGES_CHUNK = 1024  # tiles decoded and predicted at a time by --images: memory stays flat
 
 
@@ -313,12 +313,13 @@ def table_lines(rows, summary, paired, tests):
     """Table II per checkpoint with 95% intervals; per seed McNemar's test of the Table II pairs;
     with several seeds the mean per row and the paired difference across seeds."""
     bench = all("benchmark" in r for r in rows)
-    head = f"{'Method':<15}{'Network':<10}{'Acc (%)':>9}{'95% CI':>16}{'Params (M)':>12}{'Size (MB)':>11}"
+    w = max(15, *(len(r["method"]) + 2 for r in rows))  # the method column
+    head = f"{'Method':<{w}}{'Network':<10}{'Acc (%)':>9}{'95% CI':>16}{'Params (M)':>12}{'Size (MB)':>11}"
     head += f"{'Latency (ms)':>14}{'Img/s':>10}{'Train img/s':>13}{'KD/CE':>7}" if bench else ""
     lines = [head + "  Checkpoint"]
     for r in rows:
         lo, hi = r["accuracy_ci95"]
-        line = (f"{r['method']:<15}{r['network']:<10}{r['accuracy']:>9.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
+        line = (f"{r['method']:<{w}}{r['network']:<10}{r['accuracy']:>9.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
                 f"{r['params_m']:>12.2f}{r['size_mb']:>11.3f}")
         if bench:
             b = r["benchmark"]
@@ -338,13 +339,13 @@ def table_lines(rows, summary, paired, tests):
         lines += [f"  seed {seed}: {a} vs {b}: {na} / {nb}, two-sided p = {p:.3g}"
                   for seed, _, a, b, na, nb, p in sorted(table_pairs, key=lambda x: x[:2])]
     if any(s["n"] > 1 for s in summary):
-        lines += ["", f"{'Method':<15}{'Network':<10}{'Acc (%) mean +- std':>22}{'95% CI of mean':>20}"
+        lines += ["", f"{'Method':<{w}}{'Network':<10}{'Acc (%) mean +- std':>22}{'95% CI of mean':>20}"
                       f"{'n':>4}{'Params (M)':>12}{'Size (MB)':>11}"]
         for s in summary:
             spread = (f"{s['accuracy_mean']:>13.2f} +- {s['accuracy_std']:<5.2f}" if s["n"] > 1
                       else f"{s['accuracy_mean']:>13.2f}         ")
             ci = f"[{s['accuracy_ci95'][0]:.2f}, {s['accuracy_ci95'][1]:.2f}]" if s["n"] > 1 else "-"
-            lines.append(f"{s['method']:<15}{s['network']:<10}{spread}{ci:>20}{s['n']:>4}"
+            lines.append(f"{s['method']:<{w}}{s['network']:<10}{spread}{ci:>20}{s['n']:>4}"
                          f"{s['params_m']:>12.2f}{s['size_mb']:>11.3f}")
     if paired and len(paired["diffs"]) > 1:  # one seed has no spread: McNemar above says it
         lo, hi = paired["ci95"]
@@ -534,6 +535,33 @@ def plot_table2(plt, rows, summary, path) -> None:
     plt.close(fig)
 
 
+def plot_route(plt, row, path) -> None:
+    """The student's route: KL(teacher@e || student) on the validation images for every student
+    epoch (rows) and stored teacher epoch (columns), the stored epoch it followed marked per row."""
+    history = [h for h in row["history"] if h.get("route")]
+    stored = [d["teacher_epoch"] for d in history[0]["route"]]
+    kl = np.array([[d["kl"] for d in h["route"]] for h in history])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.6 * len(stored)), max(3.5, 1.2 + 0.28 * len(history))))
+    im = ax.imshow(kl, cmap="viridis_r", aspect="auto")
+    followed = [(i, stored.index(h["teacher_epoch"])) for i, h in enumerate(history) if "teacher_epoch" in h]
+    if followed:
+        ax.scatter([c for _, c in followed], [r for r, _ in followed], marker="s", s=60, facecolors="none",
+                   edgecolors="red", linewidths=1.5, label="followed (KD target)")
+        ax.legend(loc="upper right", fontsize=7)
+    nearest = kl.argmin(1)
+    ax.scatter(nearest, range(len(history)), marker=".", color="white", s=20, label="nearest")
+    ax.set_xticks(range(len(stored)), [str(e) for e in stored], fontsize=8)
+    ax.set_yticks(range(len(history)), [str(h["epoch"]) for h in history], fontsize=7)
+    ax.set_xlabel("stored teacher epoch")
+    ax.set_ylabel("student epoch")
+    ax.set_title(f"route of {row['method']}, {row['checkpoint']}\nKL(teacher || student) on validation "
+                 f"images (white dot: nearest)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(plt, rows, summary, root, folder) -> list[Path]:
     """Every picture for these checkpoints, into `folder`; returns the files written."""
     folder = Path(folder)
@@ -545,6 +573,9 @@ def write_plots(plt, rows, summary, root, folder) -> list[Path]:
                     folder / f"errors_{_tag(i, r['checkpoint'])}.png"]
         plot_confusion(plt, r, written[-2])
         plot_errors(plt, r, root, written[-1])
+        if any(h.get("route") for h in r["history"]):
+            written.append(folder / f"route_{_tag(i, r['checkpoint'])}.png")
+            plot_route(plt, r, written[-1])
     return written
 
 

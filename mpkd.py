@@ -47,7 +47,8 @@ CHECKPOINT_FORMAT = "mpkd-checkpoint/1"  # a checkpoint is a model file and noth
 LOGITS_FORMAT = "mpkd-teacher-logits/2"  # the stored teacher logits, keyed by stored epoch
 OLD_LOGITS_FORMAT = "mpkd-teacher-outputs/1"  # the same content under its earlier names; still read
 STATE_FORMAT = "mpkd-state/2"
-METHODS = ("teacher", "student alone", "vanilla KD", "Multi-Part KD")  # Table II's rows, in order
+METHODS = ("teacher", "student alone", "vanilla KD", "Multi-Part KD",  # Table II's rows, in order,
+           "Multi-Part KD, auto anchors")  # and the row of distill.py --anchors auto
 RESUME_FREE_ARGS = ("resume", "device", "compile")  # may change between a run and its resume
 
 
@@ -117,6 +118,44 @@ def parse_anchors(text: str, stored: list[int]) -> list[int]:
         raise UserError(f"--anchors {text}: epochs {unknown} are not stored; "
                         f"stored epochs are {sorted(stored)}")
     return anchors
+
+
+def route(student_logits: torch.Tensor, teacher_val_logits: dict[int, torch.Tensor],
+          temperature: float) -> list[dict]:
+    """How far the student is from every stored teacher epoch (the teacher's route, RCO's
+    diagnostic): student logits (N, C) and each stored epoch's teacher logits (N, C) on the same
+    validation images give KL(soften(teacher, T) || soften(student, T)) as a batch mean (the KD
+    term without its T^2 factor) and the top-1 agreement in percent."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    out = []
+    for epoch in sorted(teacher_val_logits):
+        t = teacher_val_logits[epoch].to(student_logits.device).float()
+        kl = F.kl_div(log_s, F.log_softmax(t / temperature, dim=-1), reduction="batchmean", log_target=True)
+        agreement = 100 * (t.argmax(1) == student_logits.argmax(1)).float().mean()
+        out.append({"teacher_epoch": epoch, "kl": kl.item(), "agreement": agreement.item()})
+    return out
+
+
+def next_auto_anchor(stored: list[int], current: int, distance: dict[int, float], start: float,
+                     threshold: float, epochs_left: int, final_epochs: int) -> int:
+    """The stored teacher epoch a student following `current` moves to after an epoch (greedy,
+    in the spirit of RCO's anchor search; `--anchors auto`).
+
+    `distance[e]` is KL(teacher@e || student) on the validation images now, `start` the distance to
+    `current` when the student began to follow it; `start - distance[current]` is what it has
+    closed since. It moves to the latest stored epoch e > current with
+    distance[e] - distance[current] <= threshold * (start - distance[current]): the next target may
+    be farther than the present one by at most `threshold` times the distance already closed.
+    It never moves backwards, and it moves to the final teacher once only `final_epochs` epochs
+    are left (the caller passes ceil(E / K), the final teacher's share in the equal-interval
+    schedule), so that the student always ends on the converged teacher.
+    """
+    stored = sorted(stored)
+    if epochs_left <= final_epochs:
+        return stored[-1]
+    closed = start - distance[current]
+    later = [e for e in stored if e > current and distance[e] - distance[current] <= threshold * closed]
+    return max(later) if later else current
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,14 +602,14 @@ def few_batches_note(n_train: int, batch_size: int) -> str | None:
     """A note for tiny data: with few batches per epoch, BatchNorm's running statistics (eval mode)
     lag far behind the batch statistics the network trains with."""
     batches = n_train // batch_size + (n_train % batch_size >= 2)
-    if batches >= 10:
+    if batches >= 16:  # the five-minute run's 16 batches x 5 epochs learn; 10 x 3 were seen not to
         return None
     return (f"note: only {batches} batch(es) per epoch ({n_train} training images, --batch-size "
             f"{batch_size}). Eval mode (validation, the teacher logits, testing) uses BatchNorm's "
             f"running statistics, which move 10% towards each batch's: after an epoch they still "
             f"carry {0.9 ** batches:.0%} of what they were before it, so eval-mode accuracy can sit at "
             f"chance with every tile given one class while training accuracy rises. Use a smaller "
-            f"--batch-size (at least 10 batches per epoch; 20 or more is better) or more images.")
+            f"--batch-size (16 or more batches per epoch) or more images.")
 
 
 def load_part(data: dict, part: str, device: torch.device, progress=None) -> dict:
@@ -776,6 +815,9 @@ def format_record(r: dict) -> str:
         parts.append(f"val {r['val_acc']:6.2f}%")
     if "teacher_epoch" in r:
         parts.append(f"follows teacher@{r['teacher_epoch']}")
+    if r.get("route"):  # the stored teacher epoch the student is now closest to
+        near = min(r["route"], key=lambda d: d["kl"])
+        parts.append(f"nearest teacher@{near['teacher_epoch']} (KL {near['kl']:.3f})")
     if "logits_seconds" in r:
         parts.append(f"logits stored {r['logits_seconds']:.1f}s")
     parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
@@ -783,19 +825,21 @@ def format_record(r: dict) -> str:
 
 
 def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict | None = None,
-        teacher_logits_for=None, after_epoch=None, say=lambda line: None) -> dict:
+        teacher_logits_for=None, after_epoch=None, say=lambda line: None, extra: dict | None = None) -> dict:
     """The epoch loop shared by teacher and student: Adam + StepLR as in the paper, per-epoch log
     line and JSON line, resumable state written atomically after every epoch.
 
-    `teacher_logits_for(epoch)` gives the stored teacher logits (N, 2, C) a 0-based epoch follows;
-    `after_epoch(epochs_done, model, extra)` may store things in `extra` (kept in the state) and
+    `teacher_logits_for(epoch, extra)` gives the stored teacher logits (N, 2, C) a 0-based epoch
+    follows; `after_epoch(epochs_done, model, extra, val_logits)` (val_logits: (N_val, C) in eval
+    mode, None without a validation part) may store things in `extra` (kept in the state, starting
+    as `extra` on a fresh run) and
     returns fields for the log. Returns {"history": [...], "extra": {...}}.
     """
     device = train["images"].device
     opt = torch.optim.Adam(model.parameters(), lr=args["lr"], fused=device.type == "cuda")  # 1 kernel
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args["step_size"], gamma=args["gamma"])
     gen = torch.Generator().manual_seed(args["seed"])  # shuffling and flips, saved with the state
-    run = {"history": [], "extra": {}, "epoch": 0}
+    run = {"history": [], "extra": extra or {}, "epoch": 0}
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -811,7 +855,7 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
     try:
         for epoch in range(run["epoch"], args["epochs"]):
             start = time.perf_counter()
-            teacher = teacher_logits_for(epoch) if teacher_logits_for else None
+            teacher = teacher_logits_for(epoch, run["extra"]) if teacher_logits_for else None
             stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, amp, teacher,
                                     args.get("temperature", 1.0), args.get("distill_weight", 0.0))
             bad = stats.pop("bad_batch")
@@ -823,10 +867,11 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
             # "lr" is the rate this epoch trained with, read before the scheduler steps
             record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
             sched.step()
-            if len(val["labels"]):
-                record["val_acc"] = accuracy(predict(model, val["images"], amp), val["labels"])
+            val_logits = predict(model, val["images"], amp) if len(val["labels"]) else None  # (N_val, C)
+            if val_logits is not None:
+                record["val_acc"] = accuracy(val_logits, val["labels"])
             if after_epoch:
-                record.update(after_epoch(epoch + 1, model, run["extra"]))
+                record.update(after_epoch(epoch + 1, model, run["extra"], val_logits))
             record["seconds"] = time.perf_counter() - start
             run["history"].append(record)
             run["epoch"] = epoch + 1
@@ -868,10 +913,13 @@ def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
     return model
 
 
-def kd_method(distill_weight: float, anchors: list[int]) -> str:
-    """Table II's row for a student: alone, vanilla KD (one teacher epoch) or Multi-Part KD."""
+def kd_method(distill_weight: float, anchors: list[int], auto: bool = False) -> str:
+    """Table II's row for a student: alone, vanilla KD (one teacher epoch), Multi-Part KD, or
+    Multi-Part KD with anchors it chose itself."""
     if distill_weight == 0:
         return "student alone"
+    if auto:
+        return "Multi-Part KD, auto anchors"
     return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"
 
 

@@ -383,11 +383,11 @@ def test_plots_write_every_picture(trained, student, data_dir, tmp_path, capsys)
                                      "--device", "cpu", "--plots", str(tmp_path / "plots")]))
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == ["confusion_01_teacher.png", "confusion_02_student.png", "errors_01_teacher.png",
-                     "errors_02_student.png", "learning_curves.png", "table2.png"]
+                     "errors_02_student.png", "learning_curves.png", "route_02_student.png", "table2.png"]
     for name in names:
         blob = (tmp_path / "plots" / name).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000  # a real picture, not an empty canvas
-    assert "wrote 6 pictures" in capsys.readouterr().out
+    assert "wrote 7 pictures" in capsys.readouterr().out
 
 
 def test_plots_without_matplotlib_is_one_clear_line(trained, data_dir, tmp_path, monkeypatch):
@@ -960,3 +960,91 @@ def test_data_that_cannot_fit_is_refused_with_the_numbers(data_dir, tmp_path, mo
     monkeypatch.setattr(mpkd, "_available_host_bytes", lambda: 10_000)
     with pytest.raises(mpkd.UserError, match=r"32 images at 32 px need 98.3 kB as uint8, .* \(10.0 kB\); lower --img-size"):
         train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher's route and anchors the student chooses
+
+
+def test_teacher_stores_validation_logits_of_every_stored_epoch(trained, data_dir):
+    stored = mpkd.load_file(trained / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
+    assert sorted(stored["val_logits"]) == [1, 2, 3]
+    data = mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)
+    val = mpkd.load_part(data, "val", torch.device("cpu"))
+    model = mpkd.load_model(mpkd.load_file(trained / "teacher.pt", mpkd.CHECKPOINT_FORMAT), "teacher.pt")
+    assert stored["val_logits"][3].shape == (8, 4)
+    assert torch.allclose(stored["val_logits"][3], mpkd.predict(model, val["images"], False), atol=1e-5)
+
+
+def test_route_in_the_log_equals_a_direct_computation(trained, student, data_dir):
+    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
+    teacher = mpkd.load_file(trained / "teacher_logits.pt", mpkd.LOGITS_FORMAT)["val_logits"]
+    val = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "val", torch.device("cpu"))
+    s = mpkd.predict(mpkd.load_model(ckpt, student), val["images"], False)  # the final student, eval mode
+    logged = ckpt["history"][-1]["route"]
+    assert [d["teacher_epoch"] for d in logged] == [1, 2, 3]
+    for d in logged:
+        t = teacher[d["teacher_epoch"]]
+        ps, pt = torch.softmax(s / 5.0, 1), torch.softmax(t / 5.0, 1)  # T = 5, the run's temperature
+        kl = (pt * (pt.log() - ps.log())).sum(1).mean()  # KL(teacher || student), batch mean
+        assert d["kl"] == pytest.approx(kl.item(), abs=1e-5)
+        assert d["agreement"] == pytest.approx(100 * (t.argmax(1) == s.argmax(1)).float().mean().item())
+    log = [json.loads(x) for x in mpkd.log_path(student).read_text().splitlines()]
+    assert [r["route"] for r in log] == [r["route"] for r in ckpt["history"]]
+
+
+def test_next_auto_anchor_on_a_crafted_route():
+    stored = [5, 10, 15, 20]
+    far = {5: 0.40, 10: 0.70, 15: 1.00, 20: 1.50}  # KL to each stored epoch now
+    # following 5, which started at 1.0: 0.6 closed; 10 is 0.3 beyond 5 (<= 0.5 * 0.6), 15 is 0.6 beyond
+    assert mpkd.next_auto_anchor(stored, 5, far, 1.0, 0.5, epochs_left=20, final_epochs=5) == 10
+    assert mpkd.next_auto_anchor(stored, 5, far, 1.0, 1.0, epochs_left=20, final_epochs=5) == 15  # latest within
+    assert mpkd.next_auto_anchor(stored, 5, far, 0.5, 0.5, epochs_left=20, final_epochs=5) == 5  # 0.1 closed
+    assert mpkd.next_auto_anchor(stored, 10, far, 0.8, 9.0, epochs_left=20, final_epochs=5) == 20
+    assert mpkd.next_auto_anchor(stored, 15, {**far, 5: 0.0}, 1.0, 0.1, 20, 5) == 15  # never backwards
+    assert mpkd.next_auto_anchor(stored, 5, far, 0.4, 0.5, epochs_left=5, final_epochs=5) == 20  # final's share
+
+
+def test_auto_anchors_explain_their_choice_and_resume_bit_identically(trained, data_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    argv = lambda out: student_argv(data_dir, trained, tmp_path / out, "--anchors", "auto", "--epochs", "5",
+                                    "--auto-threshold", "4")
+    distill.main(distill.get_args(argv("a.pt")))
+    printed = capsys.readouterr().out
+    reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
+    assert reference["method"] == "Multi-Part KD, auto anchors" and "auto anchors: starting from teacher@1" in printed
+    schedule = reference["schedule"]
+    assert schedule == [r["teacher_epoch"] for r in reference["history"]] and schedule[-1] == 3
+    assert schedule == sorted(schedule) and schedule[0] == 1  # starts at the earliest, never goes back
+    assert all(f"following teacher@{b}" in printed for a, b in zip(schedule, schedule[1:]) if b != a)
+    real, calls = mpkd.train_one_epoch, []
+
+    def interrupt_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mpkd, "train_one_epoch", interrupt_fourth)
+    with pytest.raises(mpkd.Interrupted):
+        distill.main(distill.get_args(argv("b.pt")))
+    monkeypatch.setattr(mpkd, "train_one_epoch", real)
+    distill.main(distill.get_args(argv("b.pt") + ["--resume"]))
+    resumed = mpkd.load_file(tmp_path / "b.pt", mpkd.CHECKPOINT_FORMAT)
+    assert resumed["schedule"] == schedule
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+    rows = evaluate.main(evaluate.get_args([str(tmp_path / "a.pt"), "--data", str(data_dir), "--device", "cpu"]))
+    assert rows[0]["method"] == "Multi-Part KD, auto anchors"
+
+
+def test_auto_anchors_need_validation_logits_and_old_files_still_work(trained, data_dir, tmp_path, capsys):
+    old = torch.load(trained / "teacher_logits.pt", weights_only=True)
+    del old["val_logits"]
+    torch.save(old, tmp_path / "old.pt")
+    argv = student_argv(data_dir, trained, tmp_path / "s.pt", "--teacher-logits", str(tmp_path / "old.pt"))
+    with pytest.raises(mpkd.UserError, match="--anchors auto .* needs a validation part .* validation logits"):
+        distill.main(distill.get_args(argv + ["--anchors", "auto"]))
+    distill.main(distill.get_args(argv + ["--multipart"]))  # everything else still works, without a route
+    assert "route is not logged" in capsys.readouterr().err
+    assert "route" not in mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["history"][0]

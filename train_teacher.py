@@ -4,7 +4,7 @@
 
 writes teacher.pt (the checkpoint), teacher_logits.pt (the teacher logits: {stored epoch:
 (N_train, 2, C) logits of every training image and of its mirror, computed in eval mode at the end
-of that epoch}) and teacher.log.jsonl (one JSON line per epoch). A killed run continues with the
+of that epoch}, and the same epochs' logits on the validation images) and teacher.log.jsonl (one JSON line per epoch). A killed run continues with the
 same command plus --resume. Defaults are the paper's protocol.
 """
 
@@ -85,11 +85,13 @@ def main(args):
         warn(f"note: --save-every {args.save_every} is more than --epochs {args.epochs}: the teacher "
              f"logits are stored after the last epoch only, so students can only do vanilla KD")
 
-    def store_logits(epochs_done, model, extra):
+    def store_logits(epochs_done, model, extra, val_logits):
         if epochs_done not in stored_epochs:
             return {}
         start = time.perf_counter()
         extra.setdefault("logits", {})[epochs_done] = mpkd.both_views_logits(model, train["images"], args.amp)
+        if val_logits is not None:  # the plain view of the validation images: the route diagnostic
+            extra.setdefault("val_logits", {})[epochs_done] = val_logits.cpu()
         return {"logits_seconds": time.perf_counter() - start}
 
     print(f"teacher {args.model}: {mpkd.count_params(model) / 1e6:.2f}M parameters, "
@@ -98,6 +100,8 @@ def main(args):
     run = mpkd.fit(model, train, val, config, data["identity"], state, after_epoch=store_logits, say=print)
     teacher_logits = {"format": mpkd.LOGITS_FORMAT, "identity": data["identity"], "teacher": args.model,
                       "logits": run["extra"]["logits"], "args": config}
+    if "val_logits" in run["extra"]:  # {stored epoch: (N_val, C)}; absent without a validation part
+        teacher_logits["val_logits"] = run["extra"]["val_logits"]
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], "teacher", run["history"])
     mpkd.save_atomic(checkpoint, args.out)
     mpkd.save_atomic(teacher_logits, args.logits_out)
