@@ -39,8 +39,9 @@ def get_args(argv=None):
                    help="comma-separated stored teacher epochs to follow, e.g. 5,15,30,50; or auto: "
                         "the student moves along the stored epochs by the greedy rule of --auto-threshold")
     p.add_argument("--auto-threshold", type=float, default=AUTO_THRESHOLD,
-                   help="--anchors auto moves to the latest stored epoch whose KL from the student exceeds "
-                        "the current one's by at most this times the KL closed since following it")
+                   help="--anchors auto: the student is close to a stored epoch when its KL from it is at "
+                        "most this times the untrained student's KL from the final teacher; it moves on "
+                        "once close to the one it follows, or to a later one it is close to")
     p.add_argument("--temperature", type=float, default=5.0, help="softmax temperature T of the KD term")
     p.add_argument("--distill-weight", type=float, default=0.5,
                    help="w in (1-w)*CE + w*T^2*KL; 0 trains the student alone")
@@ -137,16 +138,16 @@ def student_hooks(args, anchors, teacher_val):
             record["route"] = mpkd.route(val_logits, teacher_val, args.temperature)
         if auto and done < args.epochs:
             now = {d["teacher_epoch"]: d["kl"] for d in record["route"]}
-            current, start = extra["auto"]["current"], extra["auto"]["start"]
-            chosen = mpkd.next_auto_anchor(anchors, current, now, start, args.auto_threshold,
+            current, reach = extra["auto"]["current"], extra["auto"]["reach"]
+            chosen = mpkd.next_auto_anchor(anchors, current, now, reach, args.auto_threshold,
                                            args.epochs - done, final_epochs)
             if chosen != current:
-                why = (" (only the final teacher's share of epochs is left)"
-                       if args.epochs - done <= final_epochs else "")
-                print(f"auto anchors: after epoch {done} the KL from teacher@{current} fell {start:.4f} -> "
-                      f"{now[current]:.4f}; teacher@{chosen} is at {now[chosen]:.4f}: "
-                      f"following teacher@{chosen}{why}")
-                extra["auto"] = {"current": chosen, "start": now[chosen]}
+                why = ("only the final teacher's share of epochs is left" if args.epochs - done <= final_epochs
+                       else f"KL from teacher@{current} {now[current]:.4f}, from teacher@{chosen} "
+                            f"{now[chosen]:.4f}; close: <= {args.auto_threshold} x {reach:.4f}")
+                print(f"auto anchors: after epoch {done} following teacher@{chosen} instead of "
+                      f"teacher@{current} ({why})")
+                extra["auto"]["current"] = chosen
         return record
 
     return schedule, after_epoch
@@ -178,11 +179,12 @@ def main(args):
     teacher_val = route_logits(args, teacher, val, device)
     schedule, after_epoch = student_hooks(args, anchors, teacher_val)
     start = None
-    if args.anchors == "auto" and state is None:  # how far the untrained student is from the first anchor
+    if args.anchors == "auto" and state is None:  # the route's length: untrained student to final teacher
         untrained = mpkd.predict(model, val["images"], args.amp)
-        kl = mpkd.route(untrained, {anchors[0]: teacher_val[anchors[0]]}, args.temperature)[0]["kl"]
-        start = {"auto": {"current": anchors[0], "start": kl}}
-        print(f"auto anchors: starting from teacher@{anchors[0]} (KL {kl:.4f}), threshold {args.auto_threshold}")
+        reach = mpkd.route(untrained, {anchors[-1]: teacher_val[anchors[-1]]}, args.temperature)[0]["kl"]
+        start = {"auto": {"current": anchors[0], "reach": reach}}
+        print(f"auto anchors: starting from teacher@{anchors[0]}; close means a KL of at most "
+              f"{args.auto_threshold} x {reach:.4f} (the untrained student's KL from teacher@{anchors[-1]})")
     followed = f"; teacher epoch followed in each student epoch: {schedule}" if schedule else ""
     print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
           f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "

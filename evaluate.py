@@ -6,6 +6,8 @@ significance tests and pictures; or predict a folder of new tiles.
     python evaluate.py teacher.pt student.pt --benchmark                   # + latency and throughput
     python evaluate.py runs/seed*/{teacher,alone,vanilla,mpkd}.pt          # several seeds
     python evaluate.py student.pt --images new_tiles/ --predictions new_tiles.csv  # no labels needed
+    python evaluate.py student.pt --export student.onnx --benchmark    # one deployable file, measured
+    python evaluate.py student.onnx --images new_tiles/                # the exported file on new tiles
 
 Each checkpoint carries its network, classes, image size and split settings, so only --data is
 needed; a checkpoint whose classes or training files do not match --data is refused. Every
@@ -21,6 +23,7 @@ import itertools
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +61,12 @@ def get_args(argv=None):
     p.add_argument("--tta", action="store_true",
                    help="with --images: average the logits of each tile and its mirror")
     p.add_argument("--benchmark", action="store_true",
-                   help="measure batch-1 latency and large-batch throughput")
+                   help="measure batch-1 latency and large-batch throughput (with --export: of the "
+                        "ONNX file in ONNX Runtime too)")
+    p.add_argument("--export", default=None, metavar="PATH.onnx",
+                   help="write the checkpoint's network as one ONNX file: uint8 RGB tiles (N, S, S, 3) "
+                        "in, class probabilities out; checked against PyTorch on the test tiles "
+                        "(needs onnx, onnxscript, onnxruntime)")
     return p.parse_args(argv)
 
 
@@ -307,6 +315,13 @@ def evaluate_checkpoint(path, args, device, cache) -> dict:
 
 
 PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history")  # not in the JSON
+
+
+def export_checkpoint(path, args, device, cache) -> dict:
+    """--export: the checkpoint's network as one ONNX file, checked on its test tiles."""
+    ckpt = load_checkpoint(path)
+    _, part = test_part(ckpt, path, args, device, cache)
+    return export_onnx(ckpt, path, mpkd.load_model(ckpt, path).eval(), part, args.export)
 
 
 def table_lines(rows, summary, paired, tests):
@@ -583,13 +598,23 @@ def write_plots(plt, rows, summary, root, folder) -> list[Path]:
 # Predictions on new tiles (--images): no labels, the checkpoint's own preprocessing
 
 
+def folder_predictor(path, args, device):
+    """(classes, image size, logits of uint8 (N, 3, S, S) CPU images) for a checkpoint or an ONNX
+    file written by --export, so that a lab checks the deployed file with the same command."""
+    if str(path).endswith(".onnx"):
+        session, meta = open_onnx(path)
+        return json.loads(meta["classes"]), int(meta["img_size"]), lambda x: onnx_logits(session, x)
+    ckpt = load_checkpoint(path)
+    model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
+    return (ckpt["identity"]["classes"], ckpt["identity"]["img_size"],
+            lambda x: mpkd.predict(model, x.to(device), args.amp).cpu())
+
+
 def predict_folder(args, device) -> dict:
     """Predict every image under args.images, in chunks (memory stays flat for any folder size);
     an unreadable file is listed with its reason and the rest are predicted."""
     if len(args.checkpoints) != 1:
         raise mpkd.UserError(f"--images predicts with one checkpoint, {len(args.checkpoints)} given")
-    path = args.checkpoints[0]
-    ckpt = load_checkpoint(path)
     folder = Path(args.images)
     if not folder.is_dir():
         raise mpkd.UserError(f"--images {folder} is not a folder")
@@ -597,8 +622,7 @@ def predict_folder(args, device) -> dict:
     if not files:
         raise mpkd.UserError(f"--images {folder} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)}; "
                              f"hidden files are ignored)")
-    model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
-    classes, size = ckpt["identity"]["classes"], ckpt["identity"]["img_size"]
+    classes, size, logits_of = folder_predictor(args.checkpoints[0], args, device)
     results, bad = [], {}
     for first in range(0, len(files), IMAGES_CHUNK):
         chunk = files[first:first + IMAGES_CHUNK]
@@ -606,15 +630,16 @@ def predict_folder(args, device) -> dict:
         bad.update(errors)
         keep = [i for i, f in enumerate(chunk) if f not in errors]
         if keep:
-            images = images[keep].to(device)
-            logits = mpkd.predict(model, images, args.amp)
+            images = images[keep]
+            logits = logits_of(images)
             if args.tta:  # the two views the teacher logits cover: the tile and its mirror
-                logits = (logits + mpkd.predict(model, images, args.amp, flip=True)) / 2
-            probs = torch.softmax(logits, 1).cpu()
+                logits = (logits + logits_of(images.flip(3))) / 2
+            probs = torch.softmax(logits.float(), 1)
             results += [(chunk[i], p) for i, p in zip(keep, probs)]
         if len(files) > IMAGES_CHUNK:
             print(f"  {min(first + IMAGES_CHUNK, len(files))} / {len(files)} images", flush=True)
-    return {"checkpoint": str(path), "classes": classes, "results": results, "bad": bad, "files": files}
+    return {"checkpoint": str(args.checkpoints[0]), "classes": classes, "results": results, "bad": bad,
+            "files": files}
 
 
 def images_report(pred, out) -> list[str]:
@@ -645,6 +670,142 @@ def images_report(pred, out) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Deployment: one ONNX file (onnx, onnxscript and onnxruntime imported only for it)
+
+ONNX_FORMAT = "mpkd-onnx/1"
+ONNX_TOLERANCE = 1e-4  # largest |probability difference| allowed between ONNX Runtime and PyTorch
+
+
+def import_onnx():
+    """onnx and onnxruntime, or a one-line error saying how to get them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise mpkd.UserError("ONNX export and .onnx models need the optional packages: "
+                             "pip install onnx onnxscript onnxruntime") from None
+    return onnx, onnxruntime
+
+
+class Deployable(torch.nn.Module):
+    """The network as a tool calls it: uint8 RGB tiles (N, S, S, 3), the layout image libraries hold
+    them in, to class probabilities (N, C) and logits (N, C); the ImageNet normalisation and the
+    softmax are inside, so no caller can get the preprocessing wrong."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", 255 * torch.tensor(mpkd.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", 255 * torch.tensor(mpkd.IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, tiles: torch.Tensor):
+        x = (tiles.permute(0, 3, 1, 2).float() - self.mean) / self.std  # (N, 3, S, S), as in training
+        logits = self.model(x)
+        return torch.softmax(logits, dim=1), logits
+
+
+def _onnx_bytes(wrapper: torch.nn.Module, size: int) -> bytes:
+    """Export `wrapper` with a dynamic batch dimension and its weights embedded (one file)."""
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    names = {"input_names": ["images"], "output_names": ["probabilities", "logits"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.onnx"
+        try:  # torch >= 2.5: the torch.export-based exporter; external_data=False embeds the weights
+            torch.onnx.export(wrapper, (example,), str(out), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+                              verbose=False, **names)
+        except TypeError:  # older torch: the TorchScript exporter, which embeds weights below 2 GB
+            torch.onnx.export(wrapper, (example,), str(out), opset_version=17, **names,
+                              dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"},
+                                            "logits": {0: "batch"}})
+        onnx, _ = import_onnx()
+        return onnx.load(str(out)).SerializeToString()  # reads any side .data file back in
+
+
+def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> dict:
+    """Write the checkpoint's network to `out` as one ONNX file with its metadata, after checking
+    on the test tiles that ONNX Runtime's probabilities equal PyTorch's within ONNX_TOLERANCE with
+    identical predicted classes (a mismatch is an error and nothing is written)."""
+    onnx, ort = import_onnx()
+    size = ckpt["identity"]["img_size"]
+    wrapper = Deployable(model.to("cpu", memory_format=torch.contiguous_format).float()).eval()
+    proto = onnx.load_from_string(_onnx_bytes(wrapper, size))
+    meta = {"mpkd_format": ONNX_FORMAT, "classes": json.dumps(ckpt["identity"]["classes"]),
+            "img_size": str(size), "input": f"images: uint8 RGB tiles (N, {size}, {size}, 3)",
+            "outputs": "probabilities (N, C) float32 (softmax inside); logits (N, C)",
+            "method": ckpt["method"], "network": ckpt["model"], "checkpoint": str(path),
+            "checkpoint_sha256": mpkd.file_fingerprint(path), "identity": json.dumps(ckpt["identity"])}
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    blob = proto.SerializeToString()
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    tiles = part["images"].cpu().permute(0, 2, 3, 1).contiguous()  # (N, S, S, 3) uint8
+    with torch.inference_mode():
+        expected = torch.cat([wrapper(tiles[i:i + 256])[0] for i in range(0, len(tiles), 256)]).numpy()
+    got = np.concatenate([session.run(["probabilities"], {"images": tiles[i:i + 256].numpy()})[0]
+                          for i in range(0, len(tiles), 256)])
+    worst, same = float(np.abs(got - expected).max()), bool((got.argmax(1) == expected.argmax(1)).all())
+    if worst > ONNX_TOLERANCE or not same:
+        raise mpkd.UserError(f"the exported model disagrees with PyTorch on the {len(tiles)} test tiles "
+                             f"(largest probability difference {worst:.2e}, tolerance {ONNX_TOLERANCE:.0e}; "
+                             f"same classes: {same}); {out} was not written")
+    mpkd.write_bytes_atomic(blob, out)
+    return {"path": str(out), "bytes": len(blob), "tiles_checked": len(tiles), "max_abs_diff": worst,
+            "session": session, "size": size}
+
+
+def open_onnx(path):
+    """An ONNX Runtime session for a file written by --export, and its metadata; anything else is
+    a clear error."""
+    _, ort = import_onnx()
+    if not Path(path).is_file():
+        raise mpkd.UserError(f"{path} does not exist")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # truncated, not ONNX, an operator this runtime lacks
+        raise mpkd.UserError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("mpkd_format") != ONNX_FORMAT:
+        raise mpkd.UserError(f"{path} is an ONNX model but not one written by evaluate.py --export "
+                             f"(no {ONNX_FORMAT} metadata: classes and image size are unknown)")
+    return session, meta
+
+
+def onnx_logits(session, images: torch.Tensor) -> torch.Tensor:
+    """Logits (N, C) of uint8 (N, 3, S, S) CPU images from an exported model, in batches of 64."""
+    tiles = images.permute(0, 2, 3, 1).contiguous().numpy()  # the exported input: (N, S, S, 3)
+    return torch.cat([torch.from_numpy(session.run(["logits"], {"images": tiles[i:i + 64]})[0])
+                      for i in range(0, len(tiles), 64)])
+
+
+def onnx_benchmark(session, size: int, repeats: int = 20) -> dict:
+    """Batch-1 latency (median ms) and images/s at batch 64 of an exported model in ONNX Runtime."""
+    one = np.zeros((1, size, size, 3), np.uint8)
+    big = np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    latency, = _median_seconds([lambda: session.run(["probabilities"], {"images": one})],
+                               torch.device("cpu"), repeats, warmup=5)
+    batch_s, = _median_seconds([lambda: session.run(["probabilities"], {"images": big})],
+                               torch.device("cpu"), max(3, repeats // 4), warmup=2)
+    return {"latency_ms": 1000 * latency, "throughput": 64 / batch_s}
+
+
+def export_lines(row, exported) -> list[str]:
+    """What --export did, and with --benchmark how the file runs against PyTorch eager."""
+    lines = ["", f"wrote {exported['path']} ({exported['bytes'] / 1e6:.3f} MB, weights embedded): uint8 "
+                 f"(N, {exported['size']}, {exported['size']}, 3) -> probabilities; on the "
+                 f"{exported['tiles_checked']} test tiles ONNX Runtime agrees with PyTorch (largest "
+                 f"difference {exported['max_abs_diff']:.1e}, same classes)"]
+    if "benchmark" in row:
+        onnx_b, torch_b = onnx_benchmark(exported["session"], exported["size"]), row["benchmark"]
+        lines.append(f"{row['network']} ONNX Runtime: batch-1 latency {onnx_b['latency_ms']:.2f} ms, "
+                     f"{onnx_b['throughput']:.1f} img/s at batch 64; PyTorch eager: "
+                     f"{torch_b['latency_ms']:.2f} ms, {torch_b['throughput']:.1f} img/s at batch "
+                     f"{mpkd.eval_batch(torch.device('cpu'))} "
+                     f"({onnx_b['throughput'] / torch_b['throughput']:.2f}x throughput)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(args):
@@ -654,6 +815,11 @@ def main(args):
         mpkd.check_writable(out)
         print("\n".join(images_report(predict_folder(args, device), out)))
         return None
+    if args.export:  # before any work: the packages, one checkpoint, a writable .onnx path
+        import_onnx()
+        if len(args.checkpoints) != 1 or not args.export.endswith(".onnx"):
+            raise mpkd.UserError("--export PATH.onnx writes one checkpoint: give exactly one and a .onnx path")
+        mpkd.check_writable(args.export)
     plt = import_pyplot() if args.plots else None  # fail before any work if matplotlib is missing
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
@@ -666,6 +832,8 @@ def main(args):
     lines = table_lines(rows, summary, paired, tests)
     if len(rows) == 1:
         lines += report_lines(rows[0])
+    if args.export:
+        lines += export_lines(rows[0], export_checkpoint(args.checkpoints[0], args, device, cache))
     print("\n".join(lines))
     if args.json:
         report = {"checkpoints": [{k: v for k, v in r.items() if k not in PER_TILE} for r in rows],

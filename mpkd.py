@@ -136,26 +136,30 @@ def route(student_logits: torch.Tensor, teacher_val_logits: dict[int, torch.Tens
     return out
 
 
-def next_auto_anchor(stored: list[int], current: int, distance: dict[int, float], start: float,
+def next_auto_anchor(stored: list[int], current: int, distance: dict[int, float], reach: float,
                      threshold: float, epochs_left: int, final_epochs: int) -> int:
-    """The stored teacher epoch a student following `current` moves to after an epoch (greedy,
-    in the spirit of RCO's anchor search; `--anchors auto`).
+    """The stored teacher epoch a student following `current` moves to after an epoch (greedy, in
+    the spirit of RCO's anchor search; `--anchors auto`).
 
-    `distance[e]` is KL(teacher@e || student) on the validation images now, `start` the distance to
-    `current` when the student began to follow it; `start - distance[current]` is what it has
-    closed since. It moves to the latest stored epoch e > current with
-    distance[e] - distance[current] <= threshold * (start - distance[current]): the next target may
-    be farther than the present one by at most `threshold` times the distance already closed.
-    It never moves backwards, and it moves to the final teacher once only `final_epochs` epochs
-    are left (the caller passes ceil(E / K), the final teacher's share in the equal-interval
-    schedule), so that the student always ends on the converged teacher.
+    `distance[e]` is KL(teacher@e || student) on the validation images now, and `reach` the route's
+    length, the untrained student's KL from the final teacher; "close" means within
+    threshold * reach. Once the student is close to the anchor it follows, it has learnt what
+    that anchor can teach and moves on to the next stored epoch; it also jumps to any later stored
+    epoch it is already close to, taking the latest. It never moves backwards, and moves to the
+    final teacher once only `final_epochs` epochs are left (the caller passes ceil(E / K), the
+    final teacher's share in the equal-interval schedule), so it always ends on the converged one.
+    (Measuring only "the latest epoch within reach" does not work: the KD term holds the student
+    near the anchor it follows, so later anchors never come within reach.)
     """
     stored = sorted(stored)
     if epochs_left <= final_epochs:
         return stored[-1]
-    closed = start - distance[current]
-    later = [e for e in stored if e > current and distance[e] - distance[current] <= threshold * closed]
-    return max(later) if later else current
+    close = threshold * reach
+    later = [e for e in stored if e > current]
+    candidates = [e for e in later if distance[e] <= close]
+    if later and distance[current] <= close:  # caught up with the current anchor: on to the next
+        candidates.append(later[0])
+    return max(candidates, default=current)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -976,6 +980,11 @@ def save_atomic(obj: dict, path: str | Path) -> None:
 def write_text_atomic(text: str, path: str | Path) -> None:
     """Write a JSON report, CSV or log atomically."""
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write a file made elsewhere (an ONNX model) atomically."""
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def load_file(path: str | Path, kind: str | tuple[str, ...]) -> dict:

@@ -995,20 +995,30 @@ def test_route_in_the_log_equals_a_direct_computation(trained, student, data_dir
 
 def test_next_auto_anchor_on_a_crafted_route():
     stored = [5, 10, 15, 20]
-    far = {5: 0.40, 10: 0.70, 15: 1.00, 20: 1.50}  # KL to each stored epoch now
-    # following 5, which started at 1.0: 0.6 closed; 10 is 0.3 beyond 5 (<= 0.5 * 0.6), 15 is 0.6 beyond
-    assert mpkd.next_auto_anchor(stored, 5, far, 1.0, 0.5, epochs_left=20, final_epochs=5) == 10
-    assert mpkd.next_auto_anchor(stored, 5, far, 1.0, 1.0, epochs_left=20, final_epochs=5) == 15  # latest within
-    assert mpkd.next_auto_anchor(stored, 5, far, 0.5, 0.5, epochs_left=20, final_epochs=5) == 5  # 0.1 closed
-    assert mpkd.next_auto_anchor(stored, 10, far, 0.8, 9.0, epochs_left=20, final_epochs=5) == 20
-    assert mpkd.next_auto_anchor(stored, 15, {**far, 5: 0.0}, 1.0, 0.1, 20, 5) == 15  # never backwards
-    assert mpkd.next_auto_anchor(stored, 5, far, 0.4, 0.5, epochs_left=5, final_epochs=5) == 20  # final's share
+    step = lambda current, now, threshold=0.2, left=20: mpkd.next_auto_anchor(stored, current, now, 1.0,
+                                                                             threshold, left, final_epochs=5)
+    assert step(5, {5: 0.5, 10: 0.8, 15: 0.9, 20: 1.0}) == 5  # not close to anything yet
+    assert step(5, {5: 0.15, 10: 0.8, 15: 0.9, 20: 1.0}) == 10  # close to its anchor: on to the next
+    assert step(5, {5: 0.15, 10: 0.3, 15: 0.18, 20: 1.0}) == 15  # already close to a later one: the latest
+    assert step(5, {5: 0.5, 10: 0.1, 15: 0.9, 20: 1.0}) == 10  # close to a later one, not to its own
+    assert step(15, {5: 0.0, 10: 0.0, 15: 0.5, 20: 1.0}) == 15  # never backwards
+    assert step(20, {5: 0.0, 10: 0.0, 15: 0.0, 20: 0.0}) == 20  # the final teacher is the end
+    assert step(5, {5: 0.5, 10: 0.8, 15: 0.9, 20: 1.0}, left=5) == 20  # the final teacher's share is left
+    # a route walked by hand over 8 epochs: the student catches up with 5, then 10; 15 takes longer
+    walk = [{5: 0.3, 10: 0.6, 15: 0.9, 20: 1.0}, {5: 0.1, 10: 0.5, 15: 0.8, 20: 0.9},
+            {5: 0.4, 10: 0.15, 15: 0.6, 20: 0.8}, {5: 0.5, 10: 0.3, 15: 0.4, 20: 0.7},
+            {5: 0.5, 10: 0.3, 15: 0.3, 20: 0.6}, {5: 0.5, 10: 0.3, 15: 0.1, 20: 0.5}]
+    current, chosen = 5, []
+    for epoch, now in enumerate(walk):
+        current = mpkd.next_auto_anchor(stored, current, now, 1.0, 0.2, epochs_left=8 - epoch - 1, final_epochs=2)
+        chosen.append(current)
+    assert chosen == [5, 10, 15, 15, 15, 20]
 
 
 def test_auto_anchors_explain_their_choice_and_resume_bit_identically(trained, data_dir, tmp_path, monkeypatch,
                                                                       capsys):
     argv = lambda out: student_argv(data_dir, trained, tmp_path / out, "--anchors", "auto", "--epochs", "5",
-                                    "--auto-threshold", "4")
+                                    "--auto-threshold", "0.5")
     distill.main(distill.get_args(argv("a.pt")))
     printed = capsys.readouterr().out
     reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
@@ -1048,3 +1058,87 @@ def test_auto_anchors_need_validation_logits_and_old_files_still_work(trained, d
     distill.main(distill.get_args(argv + ["--multipart"]))  # everything else still works, without a route
     assert "route is not logged" in capsys.readouterr().err
     assert "route" not in mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["history"][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Deployment: one ONNX file
+
+
+@pytest.fixture(scope="module")
+def exported(trained, student, data_dir, tmp_path_factory):
+    """The student and the teacher exported to ONNX by evaluate.py --export."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx")
+    for ckpt, name in ((student, "student.onnx"), (trained / "teacher.pt", "teacher.onnx")):
+        evaluate.main(evaluate.get_args([str(ckpt), "--data", str(data_dir), "--device", "cpu",
+                                         "--export", str(out / name)]))
+    return out
+
+
+@pytest.mark.parametrize("name,ckpt_of", [("student.onnx", lambda t, s: s),
+                                          ("teacher.onnx", lambda t, s: t / "teacher.pt")])
+def test_exported_onnx_is_one_file_with_its_contract_and_agrees_with_pytorch(exported, trained, student, data_dir,
+                                                                           name, ckpt_of):
+    import onnxruntime as ort
+    path, ckpt_path = exported / name, ckpt_of(trained, student)
+    assert sorted(p.name for p in exported.iterdir()) == ["student.onnx", "teacher.onnx"]  # no side .data files
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [inp] = session.get_inputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert isinstance(inp.shape[0], str)  # a dynamic batch dimension
+    assert [(o.name, o.shape[1]) for o in session.get_outputs()] == [("probabilities", 4), ("logits", 4)]
+    ckpt = mpkd.load_file(ckpt_path, mpkd.CHECKPOINT_FORMAT)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == ckpt["identity"]["classes"] and meta["img_size"] == "32"
+    assert json.loads(meta["identity"]) == ckpt["identity"] and meta["checkpoint"] == str(ckpt_path)
+    test = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "test", torch.device("cpu"))
+    probs = session.run(["probabilities"], {"images": test["images"].permute(0, 2, 3, 1).numpy()})[0]
+    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, ckpt_path), test["images"], False), 1).numpy()
+    assert np.abs(probs - expected).max() < evaluate.ONNX_TOLERANCE
+    assert (probs.argmax(1) == expected.argmax(1)).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_disagreeing_export_is_an_error_and_writes_nothing(student, data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(evaluate, "ONNX_TOLERANCE", -1.0)  # no difference, not even zero, is allowed
+    with pytest.raises(mpkd.UserError, match="disagrees with PyTorch .* was not written"):
+        evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--device", "cpu",
+                                         "--export", str(tmp_path / "s.onnx")]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_images_with_the_onnx_file_equals_the_checkpoint(exported, student, data_dir, tmp_path):
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for f in sorted(data_dir.rglob("*.png"))[:12]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    for model, out in ((student, "ckpt.csv"), (exported / "student.onnx", "onnx.csv")):
+        evaluate.main(evaluate.get_args([str(model), "--images", str(folder), "--tta", "--device", "cpu",
+                                         "--predictions", str(tmp_path / out)]))
+    a, b = _csv(tmp_path / "ckpt.csv"), _csv(tmp_path / "onnx.csv")
+    assert [r["predicted"] for r in a] == [r["predicted"] for r in b] and len(a) == 12
+    cols = [k for k in a[0] if k.startswith("p_")]
+    assert all(float(x[c]) == pytest.approx(float(y[c]), abs=1e-5) for x, y in zip(a, b) for c in cols)
+
+
+def test_corrupt_or_foreign_onnx_files_are_clear_errors(exported, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    blob = (exported / "student.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(blob[: len(blob) // 3])
+    (tmp_path / "tiles").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "tiles" / "a.png")
+    proc = _script("evaluate.py", tmp_path / "cut.onnx", "--images", tmp_path / "tiles", cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "not a readable ONNX model" in err and err.strip().count("\n") == 0
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "foreign",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    with pytest.raises(mpkd.UserError, match="not one written by evaluate.py --export"):
+        evaluate.main(evaluate.get_args([str(tmp_path / "f.onnx"), "--images", str(tmp_path / "tiles")]))
+
+
+def test_export_without_the_onnx_packages_is_one_clear_line(student, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(mpkd.UserError, match="pip install onnx onnxscript onnxruntime"):
+        evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--export", str(tmp_path / "s.onnx")]))
