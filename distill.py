@@ -189,9 +189,11 @@ def main(args):
     print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
           f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
           f"on {device}{followed}")
+    def teacher_logits_for(epoch, extra):  # the stored epoch scheduled, or chosen so far by auto
+        return stored[schedule[epoch] if schedule else extra["auto"]["current"]]
+
     run = mpkd.fit(model, train, val, config, data["identity"], state,
-                   teacher_logits_for=(lambda e, extra: stored[schedule[e] if schedule
-                                                               else extra["auto"]["current"]]) if anchors else None,
+                   teacher_logits_for=teacher_logits_for if anchors else None,
                    after_epoch=after_epoch, say=print, extra=start)
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
     if anchors:  # the stored teacher epoch each student epoch followed, as chosen or scheduled

@@ -905,7 +905,8 @@ def test_a_class_without_test_tiles_is_a_warning(tmp_path, capsys):
     root = make_dataset(tmp_path / "d", classes=3, per_class=12)
     files, labels, _ = mpkd.find_images(root)
     # class 0 entirely in one patient, which the seeded split puts on the training side
-    lines = ["file,group"] + [f"{f},{'p0' if c == 0 else f'p{1 + i % 5}'}" for i, (f, c) in enumerate(zip(files, labels))]
+    lines = ["file,group"] + [f"{f},{'p0' if c == 0 else f'p{1 + i % 5}'}"
+                              for i, (f, c) in enumerate(zip(files, labels))]
     (tmp_path / "g.csv").write_text("\n".join(lines) + "\n")
     data = mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
     side = next(p for p in ("train", "val", "test") if any(data["labels"][i] == 0 for i in data["split"][p]))
@@ -958,7 +959,8 @@ def test_fewer_epochs_than_save_every_stores_the_last_and_tiny_data_is_explained
 
 def test_data_that_cannot_fit_is_refused_with_the_numbers(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(mpkd, "_available_host_bytes", lambda: 10_000)
-    with pytest.raises(mpkd.UserError, match=r"32 images at 32 px need 98.3 kB as uint8, .* \(10.0 kB\); lower --img-size"):
+    numbers = r"32 images at 32 px need 98.3 kB as uint8, .* \(10.0 kB\); lower --img-size"
+    with pytest.raises(mpkd.UserError, match=numbers):
         train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path)))
 
 

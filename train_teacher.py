@@ -4,8 +4,9 @@
 
 writes teacher.pt (the checkpoint), teacher_logits.pt (the teacher logits: {stored epoch:
 (N_train, 2, C) logits of every training image and of its mirror, computed in eval mode at the end
-of that epoch}, and the same epochs' logits on the validation images) and teacher.log.jsonl (one JSON line per epoch). A killed run continues with the
-same command plus --resume. Defaults are the paper's protocol.
+of that epoch}, and the same epochs' logits on the validation images) and teacher.log.jsonl (one
+JSON line per epoch). A killed run continues with the same command plus --resume. Defaults are the
+paper's protocol.
 """
 
 import argparse
