@@ -428,6 +428,13 @@ def import_pyplot():
     return plt
 
 
+def _finish(plt, fig, path, dpi: int = 110) -> None:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _tag(i: int, path: str) -> str:
     """A short unique file-name part for the i-th checkpoint: 03_mpkd."""
     return f"{i + 1:02d}_{Path(path).stem}"
@@ -468,9 +475,7 @@ def plot_learning_curves(plt, rows, path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, path)
 
 
 def plot_confusion(plt, row, path) -> None:
@@ -492,9 +497,7 @@ def plot_confusion(plt, row, path) -> None:
     ax.set_title(f"{row['method']}, {row['checkpoint']}\naccuracy {row['accuracy']:.2f}% "
                  f"(95% CI {lo:.1f}-{hi:.1f})\ncounts; colour: share of the true class", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, path)
 
 
 def plot_errors(plt, row, root, path, most: int = 48) -> None:
@@ -518,9 +521,7 @@ def plot_errors(plt, row, root, path, most: int = 48) -> None:
                      fontsize=7)
     shown = f"{len(wrong)} most confident of {row['n_test'] - row['correct']}" if wrong else "none"
     fig.suptitle(f"misclassified test tiles, {row['method']} {row['checkpoint']}: {shown}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(plt, fig, path, dpi=100)
 
 
 def plot_table2(plt, rows, summary, path) -> None:
@@ -545,9 +546,7 @@ def plot_table2(plt, rows, summary, path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Table II: dots are seeds; diamond: mean with 95% interval", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, path)
 
 
 def plot_route(plt, row, path) -> None:
@@ -572,9 +571,7 @@ def plot_route(plt, row, path) -> None:
     ax.set_title(f"route of {row['method']}, {row['checkpoint']}\nKL(teacher || student) on validation "
                  f"images (white dot: nearest)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, path)
 
 
 def write_plots(plt, rows, summary, root, folder) -> list[Path]:

@@ -525,20 +525,26 @@ def test_slide_split_end_to_end_and_mixing_modes_is_refused(trained, data_dir, t
 # Interrupted runs
 
 
+def _interrupt_epoch(monkeypatch, n):
+    """Make the n-th call of train_one_epoch a Ctrl-C; returns the real function to put back."""
+    real, calls = mpkd.train_one_epoch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mpkd, "train_one_epoch", interrupted)
+    return real
+
+
 def test_ctrl_c_keeps_the_last_epoch_and_resume_is_bit_identical(trained, data_dir, tmp_path, monkeypatch):
     argv = student_argv(data_dir, trained, tmp_path / "a.pt", "--multipart", "--epochs", "4")
     distill.main(distill.get_args(argv))
     reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
     argv = student_argv(data_dir, trained, tmp_path / "b.pt", "--multipart", "--epochs", "4")
-    real, calls = mpkd.train_one_epoch, []
-
-    def interrupt_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(mpkd, "train_one_epoch", interrupt_third)
+    real = _interrupt_epoch(monkeypatch, 3)
     with pytest.raises(mpkd.Interrupted, match="epoch 2 is saved.*--resume"):
         distill.main(distill.get_args(argv))
     assert mpkd.load_file(mpkd.state_path(tmp_path / "b.pt"), mpkd.STATE_FORMAT)["epoch"] == 2
@@ -1029,15 +1035,7 @@ def test_auto_anchors_explain_their_choice_and_resume_bit_identically(trained, d
     assert schedule == [r["teacher_epoch"] for r in reference["history"]] and schedule[-1] == 3
     assert schedule == sorted(schedule) and schedule[0] == 1  # starts at the earliest, never goes back
     assert all(f"following teacher@{b}" in printed for a, b in zip(schedule, schedule[1:]) if b != a)
-    real, calls = mpkd.train_one_epoch, []
-
-    def interrupt_fourth(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(mpkd, "train_one_epoch", interrupt_fourth)
+    real = _interrupt_epoch(monkeypatch, 4)
     with pytest.raises(mpkd.Interrupted):
         distill.main(distill.get_args(argv("b.pt")))
     monkeypatch.setattr(mpkd, "train_one_epoch", real)
