@@ -228,10 +228,15 @@ def load_imagenet_weights(model: torch.nn.Module, path: str | Path, name: str) -
         raise UserError(f"--weights {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            try:
+                from safetensors.torch import load_file  # installed with timm
+            except ImportError:
+                raise UserError(f"--weights {path} needs the safetensors package: pip install safetensors") from None
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as err:  # truncated, not a tensor file, or a pickle that would run code
         raise UserError(f"--weights {path} is not a state dict or safetensors file "
                         f"({type(err).__name__})") from None
