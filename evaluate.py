@@ -321,7 +321,11 @@ def export_checkpoint(path, args, device, cache) -> dict:
     """--export: the checkpoint's network as one ONNX file, checked on its test tiles."""
     ckpt = load_checkpoint(path)
     _, part = test_part(ckpt, path, args, device, cache)
-    return export_onnx(ckpt, path, mpkd.load_model(ckpt, path).eval(), part, args.export)
+    model = mpkd.load_model(ckpt, path).eval()
+    exported = export_onnx(ckpt, path, model, part, args.export)
+    if args.benchmark:
+        exported["benchmark"] = onnx_benchmark(exported["session"], model, exported["size"])
+    return exported
 
 
 def table_lines(rows, summary, paired, tests):
@@ -701,6 +705,45 @@ class Deployable(torch.nn.Module):
         return torch.softmax(logits, dim=1), logits
 
 
+def _one_conv(parts: list) -> torch.nn.Conv2d | None:
+    """One Conv2d computing what a MixedConv2d's parts compute on their channel splits, or None
+    where no single convolution does: depthwise parts of mixed kernel sizes become one depthwise conv
+    with the smaller kernels zero-padded (centred) to the largest; equal 1x1 parts become one grouped
+    conv. Same products and sums, so the outputs agree to float rounding."""
+    first = parts[0]
+    same_padding = all(type(c) is torch.nn.Conv2d and c.padding_mode == "zeros" and c.bias is None
+                       and c.kernel_size[0] == c.kernel_size[1] and c.kernel_size[0] % 2 == 1
+                       and c.stride == first.stride and c.dilation == first.dilation
+                       and c.padding == (c.dilation[0] * (c.kernel_size[0] // 2),) * 2 for c in parts)
+    if not same_padding:
+        return None
+    channels_in, channels_out = sum(c.in_channels for c in parts), sum(c.out_channels for c in parts)
+    if all(c.groups == c.in_channels == c.out_channels for c in parts):  # mixed depthwise kernels
+        k, groups = max(c.kernel_size[0] for c in parts), channels_in
+        weight = torch.cat([torch.nn.functional.pad(c.weight, [(k - c.kernel_size[0]) // 2] * 4) for c in parts])
+    elif all(c.groups == 1 and c.weight.shape == first.weight.shape for c in parts):  # grouped pointwise
+        k, groups, weight = first.kernel_size[0], len(parts), torch.cat([c.weight for c in parts])
+    else:
+        return None
+    conv = torch.nn.Conv2d(channels_in, channels_out, k, first.stride, first.dilation[0] * (k // 2),
+                           first.dilation, groups, bias=False)
+    conv.weight = torch.nn.Parameter(weight.detach().clone())
+    return conv
+
+
+def merge_mixed_convs(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every MixNet MixedConv2d (split channels, one conv per split, concat)
+    replaced by one Conv2d where `_one_conv` can. ONNX Runtime then runs one convolution instead of
+    Split, several Convs and Concat, fuses the BatchNorm that follows into it, and keeps its blocked
+    layout across it: the exported MixNet-S runs about twice as fast (docs/deploy.md)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "MixedConv2d" and (conv := _one_conv(list(module.values()))) is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, conv)
+    return model
+
+
 def _onnx_bytes(wrapper: torch.nn.Module, size: int) -> bytes:
     """Export `wrapper` with a dynamic batch dimension and its weights embedded (one file)."""
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
@@ -720,13 +763,14 @@ def _onnx_bytes(wrapper: torch.nn.Module, size: int) -> bytes:
 
 
 def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> dict:
-    """Write the checkpoint's network to `out` as one ONNX file with its metadata, after checking
-    on the test tiles that ONNX Runtime's probabilities equal PyTorch's within ONNX_TOLERANCE with
-    identical predicted classes (a mismatch is an error and nothing is written)."""
+    """Write the checkpoint's network, its mixed convolutions merged, to `out` as one ONNX file with
+    its metadata, after checking on the test tiles that ONNX Runtime's probabilities equal those of
+    the checkpoint's own (unmerged) PyTorch network within ONNX_TOLERANCE with identical predicted
+    classes (a mismatch is an error and nothing is written)."""
     onnx, ort = import_onnx()
     size = ckpt["identity"]["img_size"]
     wrapper = Deployable(model.to("cpu", memory_format=torch.contiguous_format).float()).eval()
-    proto = onnx.load_from_string(_onnx_bytes(wrapper, size))
+    proto = onnx.load_from_string(_onnx_bytes(Deployable(merge_mixed_convs(wrapper.model)).eval(), size))
     meta = {"mpkd_format": ONNX_FORMAT, "classes": json.dumps(ckpt["identity"]["classes"]),
             "img_size": str(size), "input": f"images: uint8 RGB tiles (N, {size}, {size}, 3)",
             "outputs": "probabilities (N, C) float32 (softmax inside); logits (N, C)",
@@ -775,30 +819,44 @@ def onnx_logits(session, images: torch.Tensor) -> torch.Tensor:
                       for i in range(0, len(tiles), 64)])
 
 
-def onnx_benchmark(session, size: int, repeats: int = 20) -> dict:
-    """Batch-1 latency (median ms) and images/s at batch 64 of an exported model in ONNX Runtime."""
-    one = np.zeros((1, size, size, 3), np.uint8)
-    big = np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
-    latency, = _median_seconds([lambda: session.run(["probabilities"], {"images": one})],
-                               torch.device("cpu"), repeats, warmup=5)
-    batch_s, = _median_seconds([lambda: session.run(["probabilities"], {"images": big})],
-                               torch.device("cpu"), max(3, repeats // 4), warmup=2)
-    return {"latency_ms": 1000 * latency, "throughput": 64 / batch_s}
+def onnx_benchmark(session, model: torch.nn.Module, size: int, repeats: int = 20) -> dict:
+    """Batch-1 latency (median ms) and images/s at batch 64 of the exported file in ONNX Runtime and
+    of the checkpoint's network in PyTorch eager as evaluate.py runs it (mpkd.predict: normalise,
+    channels_last, inference mode), on the same uint8 tiles. Blocks in the order ONNX, eager, eager,
+    ONNX, averaged, so drift on a shared machine falls on both alike; whole blocks rather than
+    single calls, because each runtime's threads keep spinning for a while after a call and would
+    slow the other's next one."""
+    cpu, model = torch.device("cpu"), mpkd.to_device(copy.deepcopy(model), torch.device("cpu")).eval()
+    out = {"onnx": {}, "eager": {}}
+    for n, key in ((1, "latency_ms"), (64, "throughput")):
+        tiles = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        nhwc, nchw = tiles.numpy(), tiles.permute(0, 3, 1, 2)  # the file's input; what predict takes
+
+        def eager():
+            with torch.inference_mode():
+                torch.softmax(mpkd.predict(model, nchw, False), 1)
+
+        runs = {"onnx": lambda: session.run(["probabilities"], {"images": nhwc}), "eager": eager}
+        times = {name: [] for name in runs}
+        for name in ("onnx", "eager", "eager", "onnx"):
+            times[name] += _median_seconds([runs[name]], cpu, repeats if n == 1 else max(3, repeats // 4), warmup=3)
+        for name, seconds in times.items():
+            out[name][key] = float(1000 * np.mean(seconds) if n == 1 else n / np.mean(seconds))
+    return out
 
 
-def export_lines(row, exported) -> list[str]:
+def export_lines(network: str, exported) -> list[str]:
     """What --export did, and with --benchmark how the file runs against PyTorch eager."""
     lines = ["", f"wrote {exported['path']} ({exported['bytes'] / 1e6:.3f} MB, weights embedded): uint8 "
                  f"(N, {exported['size']}, {exported['size']}, 3) -> probabilities; on the "
                  f"{exported['tiles_checked']} test tiles ONNX Runtime agrees with PyTorch (largest "
                  f"difference {exported['max_abs_diff']:.1e}, same classes)"]
-    if "benchmark" in row:
-        onnx_b, torch_b = onnx_benchmark(exported["session"], exported["size"]), row["benchmark"]
-        lines.append(f"{row['network']} ONNX Runtime: batch-1 latency {onnx_b['latency_ms']:.2f} ms, "
-                     f"{onnx_b['throughput']:.1f} img/s at batch 64; PyTorch eager: "
-                     f"{torch_b['latency_ms']:.2f} ms, {torch_b['throughput']:.1f} img/s at batch "
-                     f"{mpkd.eval_batch(torch.device('cpu'))} "
-                     f"({onnx_b['throughput'] / torch_b['throughput']:.2f}x throughput)")
+    if "benchmark" in exported:
+        onnx_b, eager_b = exported["benchmark"]["onnx"], exported["benchmark"]["eager"]
+        lines.append(f"{network} on the CPU, ONNX Runtime: batch-1 latency {onnx_b['latency_ms']:.2f} ms, "
+                     f"{onnx_b['throughput']:.1f} img/s at batch 64; PyTorch eager, taking turns with it: "
+                     f"{eager_b['latency_ms']:.2f} ms, {eager_b['throughput']:.1f} img/s "
+                     f"({onnx_b['throughput'] / eager_b['throughput']:.2f}x throughput)")
     return lines
 
 
@@ -830,7 +888,7 @@ def main(args):
     if len(rows) == 1:
         lines += report_lines(rows[0])
     if args.export:
-        lines += export_lines(rows[0], export_checkpoint(args.checkpoints[0], args, device, cache))
+        lines += export_lines(rows[0]["network"], export_checkpoint(args.checkpoints[0], args, device, cache))
     print("\n".join(lines))
     if args.json:
         report = {"checkpoints": [{k: v for k, v in r.items() if k not in PER_TILE} for r in rows],

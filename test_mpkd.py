@@ -1121,6 +1121,46 @@ def test_images_with_the_onnx_file_equals_the_checkpoint(exported, student, data
     assert all(float(x[c]) == pytest.approx(float(y[c]), abs=1e-5) for x, y in zip(a, b) for c in cols)
 
 
+@pytest.mark.parametrize("name", ["mixnet_s", "mixnet_l"])
+def test_merged_mixed_convs_compute_what_the_network_computes(name):
+    torch.manual_seed(0)
+    model = mpkd.build_mixnet(name, 8, pretrained=False).eval()
+    with torch.no_grad():  # BatchNorm statistics away from (0, 1), so a wrong channel order shows
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
+    merged = evaluate.merge_mixed_convs(model).eval()
+    kinds = lambda m: {type(x).__name__ for x in m.modules()}
+    assert "MixedConv2d" in kinds(model) and "MixedConv2d" not in kinds(merged)  # all merged, original kept
+    x = torch.randn(3, 3, 48, 48)
+    with torch.inference_mode():
+        want, got = model(x), merged(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    strides = [torch.nn.Conv2d(4, 4, k, stride, k // 2, groups=4, bias=False) for k, stride in ((3, 1), (5, 2))]
+    assert evaluate._one_conv(strides) is None  # different strides: no single convolution computes both
+
+
+def test_onnx_benchmark_times_both_runtimes_and_leaves_the_model_alone(exported, student):
+    import onnxruntime as ort
+    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
+    model = mpkd.load_model(ckpt, student)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    session = ort.InferenceSession(str(exported / "student.onnx"), providers=["CPUExecutionProvider"])
+    result = evaluate.onnx_benchmark(session, model, 32, repeats=2)
+    assert {k: set(v) for k, v in result.items()} == {r: {"latency_ms", "throughput"} for r in ("onnx", "eager")}
+    assert all(x > 0 and math.isfinite(x) for v in result.values() for x in v.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    line = evaluate.export_lines("MixNet-S", {"path": "s.onnx", "bytes": 1, "size": 32, "tiles_checked": 8,
+                                              "max_abs_diff": 0.0, "benchmark": result})[-1]
+    ratio = result["onnx"]["throughput"] / result["eager"]["throughput"]
+    assert line.startswith("MixNet-S on the CPU, ONNX Runtime") and line.endswith(f"({ratio:.2f}x throughput)")
+
+
+def test_the_exported_graph_has_no_split_or_concat(exported):
+    onnx = pytest.importorskip("onnx")
+    ops = {n.op_type for n in onnx.load(exported / "student.onnx").graph.node}
+    assert "Conv" in ops and not ops & {"Split", "Concat"}
+
+
 def test_corrupt_or_foreign_onnx_files_are_clear_errors(exported, tmp_path):
     onnx = pytest.importorskip("onnx")
     blob = (exported / "student.onnx").read_bytes()
