@@ -711,11 +711,11 @@ def _one_conv(parts: list) -> torch.nn.Conv2d | None:
     with the smaller kernels zero-padded (centred) to the largest; equal 1x1 parts become one grouped
     conv. Same products and sums, so the outputs agree to float rounding."""
     first = parts[0]
-    same_padding = all(type(c) is torch.nn.Conv2d and c.padding_mode == "zeros" and c.bias is None
+    alike = all(type(c) is torch.nn.Conv2d and c.padding_mode == "zeros" and c.bias is None
                        and c.kernel_size[0] == c.kernel_size[1] and c.kernel_size[0] % 2 == 1
                        and c.stride == first.stride and c.dilation == first.dilation
                        and c.padding == (c.dilation[0] * (c.kernel_size[0] // 2),) * 2 for c in parts)
-    if not same_padding:
+    if not alike:  # a kind of part, or a stride or padding, that one convolution cannot carry
         return None
     channels_in, channels_out = sum(c.in_channels for c in parts), sum(c.out_channels for c in parts)
     if all(c.groups == c.in_channels == c.out_channels for c in parts):  # mixed depthwise kernels

@@ -1137,6 +1137,10 @@ def test_merged_mixed_convs_compute_what_the_network_computes(name):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     strides = [torch.nn.Conv2d(4, 4, k, stride, k // 2, groups=4, bias=False) for k, stride in ((3, 1), (5, 2))]
     assert evaluate._one_conv(strides) is None  # different strides: no single convolution computes both
+    unequal = [torch.nn.Conv2d(c, 6, 1, bias=False) for c in (3, 5)]
+    assert evaluate._one_conv(unequal) is None  # pointwise groups of 3 and 5 channels: not one grouped conv
+    depthwise = evaluate._one_conv([torch.nn.Conv2d(2, 2, k, 1, k // 2, groups=2, bias=False) for k in (3, 5)])
+    assert (depthwise.kernel_size, depthwise.groups, depthwise.padding) == ((5, 5), 4, (2, 2))
 
 
 def test_onnx_benchmark_times_both_runtimes_and_leaves_the_model_alone(exported, student):
