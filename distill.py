@@ -73,8 +73,9 @@ def get_args(argv=None):
                    help="ImageNet weights to start from instead of timm's download: a state dict "
                         "(.pt/.pth/.bin) or .safetensors of the same network, 1000-class head")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (no-op on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
+                        "or newer, and fp32 elsewhere; --amp asks for it on the CPU too; --no-amp: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its saved state")
@@ -160,6 +161,7 @@ def main(args):
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
+    precision = mpkd.pick_precision(device, args.amp)
     data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed,
                              args.test_frac, args.val_frac, args.groups)
     state = mpkd.open_state(config, data["identity"])
@@ -180,7 +182,7 @@ def main(args):
     schedule, after_epoch = student_hooks(args, anchors, teacher_val)
     start = None
     if args.anchors == "auto" and state is None:  # the route's length: untrained student to final teacher
-        untrained = mpkd.predict(model, val["images"], args.amp)
+        untrained = mpkd.predict(model, val["images"], precision)
         reach = mpkd.route(untrained, {anchors[-1]: teacher_val[anchors[-1]]}, args.temperature)[0]["kl"]
         start = {"auto": {"current": anchors[0], "reach": reach}}
         print(f"auto anchors: starting from teacher@{anchors[0]}; close means a KL of at most "
@@ -188,7 +190,7 @@ def main(args):
     followed = f"; teacher epoch followed in each student epoch: {schedule}" if schedule else ""
     print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
           f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
-          f"on {device}{followed}")
+          f"on {device} in {precision}{followed}")
     def teacher_logits_for(epoch, extra):  # the stored epoch scheduled, or chosen so far by auto
         return stored[schedule[epoch] if schedule else extra["auto"]["current"]]
 

@@ -46,9 +46,13 @@ def get_args(argv=None):
     p.add_argument("checkpoints", nargs="+", help="checkpoints written by train_teacher.py or distill.py")
     p.add_argument("--data", default=mpkd.DEFAULT_DATA,
                    help="folder of class folders the checkpoints were trained on")
+    p.add_argument("--groups", default=None, metavar="FILE.csv",
+                   help="the groups file of checkpoints split by group, where it is not found by "
+                        "itself (at its recorded path, or by name in or beside --data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (no-op on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="score in bf16 autocast (default fp32, so that a GPU and a CPU give the same "
+                        "accuracies and probabilities as the exported file)")
     p.add_argument("--json", default=None, help="also write every number printed to this JSON file")
     p.add_argument("--predictions", default=None,
                    help="CSV of one row per image and checkpoint (with --images: default "
@@ -170,7 +174,7 @@ def _median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) 
     return [float(np.median(t)) for t in times]
 
 
-def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch: int,
+def benchmark(model, img_size: int, device: torch.device, precision: str, train_batch: int,
               repeats: int = 20) -> dict:
     """Batch-1 latency (median ms), inference images/s at mpkd.eval_batch(), and images/s of bare
     training steps (forward, backward, Adam) on a resident batch, with the cross-entropy alone and
@@ -179,18 +183,18 @@ def benchmark(model, img_size: int, device: torch.device, amp: bool, train_batch
     model, big_batch = mpkd.to_device(copy.deepcopy(model), device).eval(), mpkd.eval_batch(device)
     one = mpkd.channels_last(torch.randn(1, 3, img_size, img_size, device=device))
     big = mpkd.channels_last(torch.randn(big_batch, 3, img_size, img_size, device=device))
-    with torch.inference_mode(), mpkd.autocast(device, amp):
+    with torch.inference_mode(), mpkd.autocast(device, precision):
         latency, = _median_seconds([lambda: model(one)], device, repeats, warmup=5)
         batch_s, = _median_seconds([lambda: model(big)], device, max(3, repeats // 4), warmup=2)
         num_classes = model(one).shape[1]
     x = mpkd.channels_last(torch.randn(train_batch, 3, img_size, img_size, device=device))
     y = torch.randint(0, num_classes, (train_batch,), device=device)
     teacher = torch.randn(train_batch, num_classes, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    opt = mpkd.make_optimizer(model, 1e-3, device)
     model.train()
 
     def step(distill_weight):
-        with mpkd.autocast(device, amp):
+        with mpkd.autocast(device, precision):
             logits = model(x)
         loss = mpkd.kd_loss(logits, teacher, y, 5.0, distill_weight)
         opt.zero_grad(set_to_none=True)
@@ -273,8 +277,8 @@ def load_checkpoint(path) -> dict:
 def test_part(ckpt, path, args, device, cache):
     """The checkpoint's data and test images, decoded once per split and image size."""
     ident = ckpt["identity"]
-    key = tuple(ident.get(k) for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac",
-                                       "groups_file"))  # the groups file travels in the checkpoint
+    key = (*(ident.get(k) for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac")),
+           mpkd.locate_groups(ident, args.data, args.groups))  # found by content, on any machine
     if key not in cache:
         data = mpkd.load_dataset(args.data, *key)
         mpkd.check_memory(data, ("test",), device)
@@ -293,7 +297,8 @@ def evaluate_checkpoint(path, args, device, cache) -> dict:
     ckpt = load_checkpoint(path)
     data, part = test_part(ckpt, path, args, device, cache)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
-    logits = mpkd.predict(model, part["images"], args.amp)
+    precision = mpkd.pick_precision(device, args.amp)
+    logits = mpkd.predict(model, part["images"], precision)
     classes, labels = ckpt["identity"]["classes"], part["labels"].tolist()
     predicted = logits.argmax(1).tolist()
     report = classification_report(labels, predicted, len(classes))
@@ -302,14 +307,14 @@ def evaluate_checkpoint(path, args, device, cache) -> dict:
            "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"], "correct": sum(outcomes),
            "n_test": len(outcomes), "accuracy_ci95": list(wilson_interval(sum(outcomes), len(outcomes))),
            "params_m": mpkd.count_params(model) / 1e6, "size_mb": mpkd.model_size_mb(model),
-           "classes": classes, "report": report,
+           "classes": classes, "report": report, "precision": precision,
            "data": {"folder": data["root"], **ckpt["identity"]},  # what the numbers were made on
            "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]],
            "test_key": [data["root"], mpkd.fingerprint(part["files"], labels)],
            "outcomes": outcomes, "files": part["files"], "labels": labels, "predicted": predicted,
            "probs": torch.softmax(logits, 1).cpu().tolist(), "history": ckpt["history"]}
     if args.benchmark:
-        row["benchmark"] = benchmark(model, ckpt["identity"]["img_size"], device, args.amp,
+        row["benchmark"] = benchmark(model, ckpt["identity"]["img_size"], device, precision,
                                      ckpt["args"]["batch_size"])
     return row
 
@@ -345,7 +350,8 @@ def table_lines(rows, summary, paired, tests):
             line += (f"{b['latency_ms']:>14.2f}{b['throughput']:>10.1f}{b['train_step_images_per_s']:>13.1f}"
                      f"{b['kd_step_images_per_s'] / b['train_step_images_per_s']:>7.3f}")
         lines.append(line + f"  {r['checkpoint']}")
-    lines.append(f"(95% Wilson score intervals over the {rows[0]['n_test']} test tiles)")
+    scored = " and ".join(dict.fromkeys(r["precision"] for r in rows))
+    lines.append(f"(scored in {scored}; 95% Wilson score intervals over the {rows[0]['n_test']} test tiles)")
     table_pairs = []
     for t in (t for t in tests if t["same_seed"]):
         a, b, na, nb = t["a_method"], t["b_method"], t["only_a"], t["only_b"]
@@ -608,7 +614,7 @@ def folder_predictor(path, args, device):
     ckpt = load_checkpoint(path)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
     return (ckpt["identity"]["classes"], ckpt["identity"]["img_size"],
-            lambda x: mpkd.predict(model, x.to(device), args.amp).cpu())
+            lambda x: mpkd.predict(model, x.to(device), mpkd.pick_precision(device, args.amp)).cpu())
 
 
 def predict_folder(args, device) -> dict:

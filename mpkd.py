@@ -454,6 +454,28 @@ def file_fingerprint(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def locate_groups(identity: dict, data_root: str | Path, given: str | Path | None = None) -> str | None:
+    """The groups file a run was made with (`identity` of its checkpoint or teacher logits), on
+    this machine, found by its content: `given` (--groups) if given, else the recorded path, else a
+    file of the same name in the data folder or beside it. None for a run made without one. A
+    checkpoint trained on a GPU server thus finds its groups file again on a laptop."""
+    if not identity.get("groups_fingerprint"):
+        if given is not None:
+            raise UserError(f"--groups {given}: the run was made without --groups; leave it out")
+        return None
+    recorded = Path(identity["groups_file"])
+    places = [Path(given)] if given is not None else [recorded, Path(data_root) / recorded.name,
+                                                      Path(data_root).parent / recorded.name]
+    for place in places:
+        if place.is_file() and file_fingerprint(place) == identity["groups_fingerprint"]:
+            return str(place.resolve())
+    if given is not None:
+        raise UserError(f"--groups {given} is not the groups file the run was made with "
+                        f"({recorded}): its content differs")
+    raise UserError(f"the groups file the run was made with, {recorded.name}, is neither at {recorded} "
+                    f"nor in or beside {data_root} with the same content; pass --groups PATH to a copy")
+
+
 def _take(n: int, frac: float) -> int:
     """How many of n items a fraction takes: rounded, at least one and never all when frac > 0."""
     return 0 if frac == 0 or n < 2 else min(n - 1, max(1, int(n * frac + 0.5)))
@@ -581,12 +603,19 @@ def check_memory(data: dict, parts: tuple[str, ...], device: torch.device) -> No
     need = sum(len(data["split"][p]) for p in parts) * 3 * size * size
     budgets = [("this machine's available memory", _available_host_bytes())]
     if device.type == "cuda":
-        budgets.append((f"{device}'s free memory", torch.cuda.mem_get_info(device)[0]))
+        budgets.append((f"{device}'s free memory", free_device_bytes(device)))
     for where, have in budgets:
         if have is not None and need > 0.8 * have:  # leave room for the model and activations
             count = sum(len(data["split"][p]) for p in parts)
             raise UserError(f"{count} images at {size} px need {_size(need)} as uint8, more than 80% "
                             f"of {where} ({_size(have)}); lower --img-size or use fewer images")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Memory a CUDA device can still give this process: what the driver reports free, plus what
+    PyTorch's caching allocator holds without a tensor in it (left by an earlier model, reusable)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _size(n: int) -> str:
@@ -705,27 +734,115 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; an unavailable device is a user error."""
+    """'auto' -> the current CUDA device when there is one, else cpu. A CUDA device always carries
+    its index: torch before 2.5 refuses a bare 'cuda' in its memory queries. A device this machine
+    does not have is a user error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32: free speed on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s), "
+                        f"{', '.join(f'cuda:{i}' for i in range(count))}")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)  # compiled kernels and cuDNN's autotuning run on the current device
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32: free speed on Ampere and newer
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     return device
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; nullcontext() on CPU, where bf16 would only slow MixNet down."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: CUDA compute capability 8.0 and newer (A100, H100,
+    RTX 30xx and later). Older GPUs (T4, V100) emulate it slowly; the CPU has it but MixNet's
+    depthwise convolutions run slower in it there (README, Precision)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def pick_precision(device: torch.device, amp: bool | None) -> str:
+    """The precision a script computes in, 'bf16' (autocast) or 'fp32', from its --amp flag: unset
+    (None) is bf16 where the device has it natively and fp32 elsewhere; True asks for bf16, on the
+    CPU too (it runs the GPU's autocast lines there); False is fp32."""
+    if amp is None:
+        return "bf16" if native_bf16(device) else "fp32"
+    if amp and device.type == "cuda" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"--amp: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                        f"has no native bf16 and would emulate it slowly; leave out --amp to use fp32")
+    return "bf16" if amp else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on `device` for precision 'bf16', else nothing (fp32). The KD loss and the route
+    cast logits to fp32 themselves."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def fused_adam(device: torch.device) -> bool:
+    """Fused Adam (one kernel for all parameters) on CUDA; the for-each implementation elsewhere,
+    which on the CPU is as fast (the tests run the fused branch on the CPU too)."""
+    return device.type == "cuda"
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's Adam, in the implementation that suits `device`."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused_adam(device))
+
+
+OPTIMIZER_DEVICE_SETTINGS = ("fused", "foreach", "capturable")  # chosen per device, not per run
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a saved optimizer state into `opt`, keeping `opt`'s device-dependent settings: plain
+    load_state_dict restores the saving run's, so a GPU run resumed on the CPU would run fused Adam
+    there (other numbers; an error before torch 2.4) and a CPU run resumed on a GPU would lose it.
+    Adam's step counters go where the kept settings want them: on the parameter's device for fused
+    or capturable Adam, on the CPU otherwise."""
+    kept = [{k: g[k] for k in OPTIMIZER_DEVICE_SETTINGS if k in g} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, settings in zip(opt.param_groups, kept):
+        group.update(settings)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
+
+
+def rng_states(device: torch.device) -> dict:
+    """The random generators a resumed run continues: torch's CPU generator, and the CUDA device's
+    where the run trains on one (dropout and drop-path draw there; MixNet has neither)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    """Restore what rng_states saved; a CUDA state only on a CUDA device (a run resumed on another
+    kind of device keeps that device's seeded generator)."""
+    torch.set_rng_state(states["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests use a cheap one
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model compiled for training steps; `model` itself keeps its parameter names (no
+    '_orig_mod.' prefix in checkpoints) and runs the eval passes uncompiled."""
+    return torch.compile(model, backend=COMPILE_BACKEND)
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -751,22 +868,22 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def predict(model, images: torch.Tensor, amp: bool, flip: bool = False) -> torch.Tensor:
+def predict(model, images: torch.Tensor, precision: str, flip: bool = False) -> torch.Tensor:
     """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on the
-    images' device."""
+    images' device, computed in `precision` ('fp32' or 'bf16')."""
     model.eval()
     outs, batch = [], eval_batch(images.device)
     for first in range(0, len(images), batch):
         x = images[first:first + batch]
-        with autocast(images.device, amp):
+        with autocast(images.device, precision):
             outs.append(model(channels_last(normalise(x.flip(3) if flip else x))).float())
     return torch.cat(outs)
 
 
-def both_views_logits(model, images: torch.Tensor, amp: bool) -> torch.Tensor:
+def both_views_logits(model, images: torch.Tensor, precision: str) -> torch.Tensor:
     """Logits (N, 2, C) on the CPU, as the teacher stores them: [:, 0] of every image, [:, 1] of its
     mirror, so that a student trained on either view has the teacher's logits of that very view."""
-    plain, mirrored = predict(model, images, amp), predict(model, images, amp, flip=True)
+    plain, mirrored = predict(model, images, precision), predict(model, images, precision, flip=True)
     return torch.stack([plain, mirrored], dim=1).cpu()
 
 
@@ -775,11 +892,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100 * (logits.argmax(1) == labels).float().mean().item()
 
 
-def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generator, amp: bool,
+def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generator, precision: str,
                     teacher_logits: torch.Tensor | None, temperature: float,
-                    distill_weight: float) -> dict:
+                    distill_weight: float, compiled: set | None = None) -> dict:
     """One pass over `part` in a seeded random order with seeded flips; `teacher_logits` (N, 2, C)
-    are the stored teacher logits of each image and of its mirror. No host-device sync inside."""
+    are the stored teacher logits of each image and of its mirror. No host-device sync inside, but
+    for a compiled `model`: `compiled` holds the batch sizes it has been compiled for, and the first
+    batch of a new size (which compiles) is timed apart, as compile_seconds, and left out of
+    images_per_s."""
     images, labels = part["images"], part["labels"]
     device, n = images.device, len(labels)
     order = torch.randperm(n, generator=gen).to(device)
@@ -788,16 +908,20 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     bad_batch = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch, if any
-    seen = 0
+    seen, compile_images, compile_seconds = 0, 0, 0.0
     sync(device)
     start = time.perf_counter()
     for step, first in enumerate(range(0, n, batch_size)):
         idx = order[first:first + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a single image; only a last leftover is skipped
             break
+        compiles = compiled is not None and len(idx) not in compiled
+        if compiles:  # two sync points, in the few steps that compile
+            sync(device)
+            compile_start = time.perf_counter()
         flip = flips[idx]
         x = channels_last(normalise(images[idx], flip))
-        with autocast(device, amp):
+        with autocast(device, precision):
             logits = model(x)  # (B, C)
         # the teacher's logits of exactly the view (plain or mirrored) the student sees: (B, C)
         teacher = None if teacher_logits is None else teacher_logits[idx, flip.long()]
@@ -809,12 +933,20 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(1) == labels[idx]).sum()
         seen += len(idx)
+        if compiles:
+            sync(device)
+            compile_seconds += time.perf_counter() - compile_start
+            compiled.add(len(idx))
+            compile_images += len(idx)
     sync(device)  # the one sync point of the epoch
     seconds = time.perf_counter() - start
     bad = int(bad_batch)
-    return {"loss": total_loss.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
-            "images_per_s": seen / seconds, "train_seconds": seconds,
-            "bad_batch": bad if bad > 0 else None}
+    stats = {"loss": total_loss.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
+             "images_per_s": (seen - compile_images) / max(seconds - compile_seconds, 1e-9), "train_seconds": seconds,
+             "bad_batch": bad if bad > 0 else None}
+    if compiled is not None:
+        stats["compile_seconds"] = compile_seconds
+    return stats
 
 
 def format_record(r: dict) -> str:
@@ -829,6 +961,8 @@ def format_record(r: dict) -> str:
         parts.append(f"nearest teacher@{near['teacher_epoch']} (KL {near['kl']:.3f})")
     if "logits_seconds" in r:
         parts.append(f"logits stored {r['logits_seconds']:.1f}s")
+    if r.get("compile_seconds"):  # left out of img/s
+        parts.append(f"compiling {r['compile_seconds']:.1f}s")
     parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
     return " | ".join(parts)
 
@@ -845,58 +979,74 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
     returns fields for the log. Returns {"history": [...], "extra": {...}}.
     """
     device = train["images"].device
-    opt = torch.optim.Adam(model.parameters(), lr=args["lr"], fused=device.type == "cuda")  # 1 kernel
+    opt = make_optimizer(model, args["lr"], device)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args["step_size"], gamma=args["gamma"])
     gen = torch.Generator().manual_seed(args["seed"])  # shuffling and flips, saved with the state
     run = {"history": [], "extra": extra or {}, "epoch": 0}
-    if state is not None:
+    if state is not None:  # the device may differ from the saving run's: see load_optimizer_state
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_states(state, device)
         run = {"history": state["history"], "extra": state["extra"], "epoch": state["epoch"]}
     log, spath = log_path(args["out"]), state_path(args["out"])
     # a resumed run's log is cut back to the saved state: lines of a lost epoch go
     write_text_atomic("".join(json.dumps(r) + "\n" for r in run["history"]), log)
-    step_model = torch.compile(model) if args.get("compile") else model
-    amp = args.get("amp", False)
+    step_model, compiled = (compile_model(model), set()) if args.get("compile") else (model, None)
+    prec = pick_precision(device, args.get("amp"))
+    on_disk = run["epoch"]  # the epoch the state file holds: what a message may call saved
     try:
         for epoch in range(run["epoch"], args["epochs"]):
             start = time.perf_counter()
             teacher = teacher_logits_for(epoch, run["extra"]) if teacher_logits_for else None
-            stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, amp, teacher,
-                                    args.get("temperature", 1.0), args.get("distill_weight", 0.0))
+            stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, prec, teacher,
+                                    args.get("temperature", 1.0), args.get("distill_weight", 0.0), compiled)
             bad = stats.pop("bad_batch")
             if bad is not None:
-                kept = (f"epoch {run['epoch']} is kept in {spath}" if run["epoch"]
-                        else "no epoch had completed")
+                kept = f"epoch {on_disk} is kept in {spath}" if on_disk else "no epoch had completed"
                 raise UserError(f"the loss became NaN or infinite in epoch {epoch + 1}, batch {bad}; "
                                 f"{kept} (try a lower --lr)")
             # "lr" is the rate this epoch trained with, read before the scheduler steps
-            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
+            record = {"epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"], "precision": prec}
             sched.step()
-            val_logits = predict(model, val["images"], amp) if len(val["labels"]) else None  # (N_val, C)
+            val_logits = predict(model, val["images"], prec) if len(val["labels"]) else None  # (N_val, C)
             if val_logits is not None:
                 record["val_acc"] = accuracy(val_logits, val["labels"])
             if after_epoch:
                 record.update(after_epoch(epoch + 1, model, run["extra"], val_logits))
+            record.update(peak_memory(device))
             record["seconds"] = time.perf_counter() - start
             run["history"].append(record)
             run["epoch"] = epoch + 1
             save_atomic({"format": STATE_FORMAT, "args": args, "identity": identity, "epoch": epoch + 1,
                          "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "history": run["history"],
-                         "extra": run["extra"]}, spath)
+                         **rng_states(device), "history": run["history"], "extra": run["extra"]}, spath)
+            on_disk = epoch + 1
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
             say(format_record(record))
     except KeyboardInterrupt:
-        done = f"epoch {run['epoch']} is saved in {spath}" if run["epoch"] else "no epoch had completed"
-        raise Interrupted(f"interrupted in epoch {run['epoch'] + 1}; {done}: "
+        done = f"epoch {on_disk} is saved in {spath}" if on_disk else "no epoch is saved"
+        raise Interrupted(f"interrupted in epoch {on_disk + 1}; {done}: "
                           f"run the same command with --resume") from None
     return run
+
+
+def peak_memory(device: torch.device) -> dict:
+    """{"peak_memory_mb": ...}: the most CUDA memory tensors have held so far in this process ({} on
+    the CPU, where the operating system keeps that count)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 1e6}
+
+
+def precisions(history: list[dict]) -> str:
+    """The precision a run's epochs trained in, for its checkpoint: 'bf16', 'fp32', or both in
+    order ('fp32, then bf16') for a run resumed on another device."""
+    seen = list(dict.fromkeys(r.get("precision", "unrecorded") for r in history))
+    return ", then ".join(seen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -906,7 +1056,7 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
 def make_checkpoint(model, args: dict, identity: dict, method: str, history: list) -> dict:
     """Everything evaluate.py needs besides --data, as plain types and tensors (weights_only-safe)."""
     return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method,
-            "identity": identity, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "identity": identity, "precision": precisions(history), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "args": args, "history": history,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
@@ -1035,7 +1185,10 @@ def log_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".log.jsonl")
 
 
-def mismatches(expected: dict, found: dict, skip: tuple = ()) -> list[str]:
+IDENTITY_NOTES = ("groups_file",)  # recorded for the reader; the groups file's fingerprint identifies it
+
+
+def mismatches(expected: dict, found: dict, skip: tuple = IDENTITY_NOTES) -> list[str]:
     """Keys on which two settings dicts differ, as 'key: found X, expected Y'."""
     keys = sorted((set(expected) | set(found)) - set(skip))
     return [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}"
@@ -1056,7 +1209,7 @@ def open_state(args: dict, data_identity: dict) -> dict | None:
                             f"run without --resume to train again")
         return None  # killed before its first epoch ended: start from epoch 1
     state = load_file(path, STATE_FORMAT)
-    differ = (mismatches(state["args"], args, skip=RESUME_FREE_ARGS)
+    differ = (mismatches(state["args"], args, skip=RESUME_FREE_ARGS + ("groups",))  # by content below
               + mismatches(state["identity"], data_identity))
     if differ:
         raise UserError(f"--resume refused, {path} was made with other settings ({'; '.join(differ)})")
@@ -1090,15 +1243,20 @@ def resolve_data_settings(args: dict, recorded: dict | None = None, source: str 
     for key, default in DATA_DEFAULTS.items():
         if key not in args:
             continue
+        if key == "groups":  # a path: found by its content, so files may move between machines
+            given = args[key]
+            if recorded is not None:
+                args[key] = locate_groups(recorded, args["data"], given)
+            elif given is not None:
+                args[key] = str(Path(given).resolve())
+            continue
         if key == "split_by" and args.get("groups") and recorded is None:
             default = "group"  # --groups FILE alone asks for a split by its groups
-        known = default if recorded is None else recorded.get("groups_file" if key == "groups" else key)
+        known = default if recorded is None else recorded.get(key)
         given = args[key]
         if given is None:
             args[key] = known
             continue
-        if key == "groups":
-            given = args[key] = str(Path(given).resolve())
         if recorded is not None and given != known:
             flag = "--" + key.replace("_", "-")
             fix = f"pass {flag} {known}" if known is not None else f"leave out {flag}"

@@ -564,7 +564,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_is_bit_identical(trained, data_d
 def test_resume_with_other_settings_is_refused(trained, data_dir, tmp_path, monkeypatch):
     argv = student_argv(data_dir, trained, tmp_path / "s.pt")
     monkeypatch.setattr(mpkd, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(mpkd.Interrupted, match="no epoch had completed"):
+    with pytest.raises(mpkd.Interrupted, match="no epoch is saved"):
         distill.main(distill.get_args(argv))
     # no state was written, so the run can only start over; now leave a state behind on purpose
     mpkd.save_atomic({"format": mpkd.STATE_FORMAT, "args": vars(distill.get_args(argv + ["--resume"])),
@@ -577,8 +577,11 @@ def test_resume_with_other_settings_is_refused(trained, data_dir, tmp_path, monk
 
 
 def _script(name, *argv, cwd):
+    # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored,
+    # which a child inherits, and Python turns Ctrl-C into KeyboardInterrupt only if it was not
     return subprocess.Popen([sys.executable, str(HERE / name), *map(str, argv)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_new_state(proc, path):
@@ -604,7 +607,7 @@ def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir,
         time.sleep(0.05)
     first.send_signal(signal.SIGINT)  # Ctrl-C in training: keeps the last completed epoch, says how to resume
     _, err = first.communicate(timeout=60)
-    assert first.returncode == 130 and "--resume" in err and "Traceback" not in err
+    assert first.returncode == 130 and "--resume" in err and "Traceback" not in err, err[-3000:]
     state = tmp_path / "run" / "teacher.state.pt"
     done = lambda: (tmp_path / "run" / "teacher.pt").exists() and not state.exists()
     while not done():  # (a kill can land after the run completed and before the process exited)
@@ -642,6 +645,190 @@ def test_atomic_save_leaves_the_old_file_when_a_save_fails(tmp_path, monkeypatch
         mpkd.save_atomic({"format": "b"}, path)
     assert torch.load(path, weights_only=True)["format"] == "a"
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU path on the CPU: every branch only CUDA takes has a twin here (CUDA mocked where needed)
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """A machine with one CUDA device, cuda:0 (compute capability 8.0), as far as mpkd can tell."""
+    fake = {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+            "set_device": lambda d: None, "get_device_capability": lambda d=None: (8, 0),
+            "get_device_name": lambda d=None: "Tesla V100-SXM2-16GB"}
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    return monkeypatch
+
+
+def test_cuda_devices_get_their_index_and_a_missing_one_is_refused(one_gpu):
+    assert mpkd.pick_device("auto") == torch.device("cuda", 0)
+    assert mpkd.pick_device("cuda").index == 0  # torch < 2.5's mem_get_info refuses a bare "cuda"
+    assert mpkd.pick_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(mpkd.UserError, match="--device cuda:7: this machine has 1 CUDA device"):
+        mpkd.pick_device("cuda:7")
+    assert mpkd.pick_device("cpu") == torch.device("cpu")
+    one_gpu.setattr(torch.cuda, "is_available", lambda: False)
+    assert mpkd.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(mpkd.UserError, match="CUDA is not available"):
+        mpkd.pick_device("cuda")
+
+
+def test_precision_is_bf16_only_where_it_is_native_or_asked_for(one_gpu):
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [mpkd.pick_precision(gpu, amp) for amp in (None, True, False)] == ["bf16", "bf16", "fp32"]
+    assert [mpkd.pick_precision(cpu, amp) for amp in (None, True, False)] == ["fp32", "bf16", "fp32"]
+    one_gpu.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100: bf16 emulated
+    assert mpkd.pick_precision(gpu, None) == "fp32"
+    with pytest.raises(mpkd.UserError, match="V100.*compute capability 7.0.*no native bf16"):
+        mpkd.pick_precision(gpu, True)
+    with mpkd.autocast(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with mpkd.autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_memory_check_counts_what_the_allocator_caches(monkeypatch):
+    gb = 10 ** 9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * gb)  # an earlier model's, freed
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * gb)
+    monkeypatch.setattr(mpkd, "_available_host_bytes", lambda: 100 * gb)
+    gpu = torch.device("cuda", 0)
+    assert mpkd.free_device_bytes(gpu) == 3 * gb
+    data = {"identity": {"img_size": 1000}, "split": {"test": list(range(700))}}  # 2.1 GB as uint8
+    mpkd.check_memory(data, ("test",), gpu)  # fits in 0.8 x 3 GB
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 1 * gb)  # nothing cached
+    with pytest.raises(mpkd.UserError, match=r"cuda:0's free memory \(1.0 GB\)"):
+        mpkd.check_memory(data, ("test",), gpu)
+
+
+def test_rng_states_save_and_restore_the_cuda_generator(monkeypatch):
+    saved, restored = torch.tensor([1, 2, 3], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, d: restored.append((state, d)))
+    gpu = torch.device("cuda", 0)
+    states = mpkd.rng_states(gpu)
+    assert torch.equal(states["cuda_rng"], saved) and torch.equal(states["torch_rng"], torch.get_rng_state())
+    mpkd.set_rng_states(states, gpu)
+    assert restored == [(saved, gpu)]
+    mpkd.set_rng_states(states, torch.device("cpu"))  # resumed on the CPU: the CUDA state is not for it
+    assert "cuda_rng" not in mpkd.rng_states(torch.device("cpu")) and len(restored) == 1
+
+
+def test_bf16_on_the_cpu_trains_stores_logits_and_records_its_precision(data_dir, tmp_path, capsys):
+    train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--amp")))
+    teacher = mpkd.load_file(tmp_path / "teacher.pt", mpkd.CHECKPOINT_FORMAT)
+    stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
+    assert teacher["precision"] == stored["precision"] == "bf16"
+    assert [r["precision"] for r in teacher["history"]] == ["bf16", "bf16"]
+    logits = stored["logits"][2]
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    # the stored logits are the bf16 pass: close to, and not the same as, an fp32 pass of the weights
+    data = mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)
+    model = mpkd.to_device(mpkd.load_model(teacher, "teacher.pt"), torch.device("cpu"))
+    fp32 = mpkd.both_views_logits(model, mpkd.load_part(data, "train", torch.device("cpu"))["images"], "fp32")
+    assert torch.allclose(logits, fp32, atol=0.5, rtol=0.1) and not torch.equal(logits, fp32)
+    distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt", "--multipart", "--amp")))
+    student = mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)
+    assert student["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in student["history"])
+    assert all(math.isfinite(d["kl"]) for r in student["history"] for d in r["route"])
+    capsys.readouterr()
+    rows = evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--data", str(data_dir), "--device", "cpu"]))
+    assert rows[0]["precision"] == "fp32" and "scored in fp32" in capsys.readouterr().out  # the default
+    test = mpkd.load_part(data, "test", torch.device("cpu"))
+    model = mpkd.to_device(mpkd.load_model(student, "s.pt"), torch.device("cpu"))
+    assert rows[0]["probs"] == torch.softmax(mpkd.predict(model, test["images"], "fp32"), 1).tolist()
+    bf16 = evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--data", str(data_dir), "--device", "cpu",
+                                            "--amp"]))
+    assert bf16[0]["precision"] == "bf16" and bf16[0]["probs"] != rows[0]["probs"]
+
+
+def test_fused_adam_on_the_cpu_and_a_resume_that_changes_it(trained, data_dir, tmp_path, monkeypatch):
+    argv = student_argv(data_dir, trained, tmp_path / "s.pt", "--multipart", "--epochs", "3")
+    monkeypatch.setattr(mpkd, "fused_adam", lambda device: True)  # what a GPU run does
+    real = _interrupt_epoch(monkeypatch, 3)
+    with pytest.raises(mpkd.Interrupted, match="epoch 2 is saved"):
+        distill.main(distill.get_args(argv))
+    state = mpkd.load_file(mpkd.state_path(tmp_path / "s.pt"), mpkd.STATE_FORMAT)
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+    monkeypatch.setattr(mpkd, "train_one_epoch", real)
+    monkeypatch.setattr(mpkd, "fused_adam", lambda device: False)  # resumed where Adam is not fused
+    loaded, load = [], mpkd.load_optimizer_state
+
+    def spy(opt, saved):
+        load(opt, saved)
+        loaded.append(opt)
+
+    monkeypatch.setattr(mpkd, "load_optimizer_state", spy)
+    distill.main(distill.get_args(argv + ["--resume"]))
+    group = loaded[0].param_groups[0]
+    assert not group["fused"] and all(loaded[0].state[p]["step"].device.type == "cpu" for p in group["params"])
+    assert len(mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["history"]) == 3
+
+
+def test_a_state_written_on_a_gpu_resumes_bit_identically_on_the_cpu(trained, data_dir, tmp_path, monkeypatch):
+    distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "a.pt", "--multipart", "--epochs", "4")))
+    reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
+    argv = student_argv(data_dir, trained, tmp_path / "b.pt", "--multipart", "--epochs", "4")
+    real = _interrupt_epoch(monkeypatch, 3)
+    with pytest.raises(mpkd.Interrupted):
+        distill.main(distill.get_args(argv))
+    monkeypatch.setattr(mpkd, "train_one_epoch", real)
+    path = mpkd.state_path(tmp_path / "b.pt")
+    state = mpkd.load_file(path, mpkd.STATE_FORMAT)  # as a GPU run writes it: fused Adam, a CUDA generator
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=True, foreach=None)
+    state["cuda_rng"] = torch.zeros(16, dtype=torch.uint8)
+    mpkd.save_atomic(state, path)
+    distill.main(distill.get_args(argv + ["--resume", "--device", "cpu"]))
+    resumed = mpkd.load_file(tmp_path / "b.pt", mpkd.CHECKPOINT_FORMAT)
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+
+
+def test_compile_with_a_cheap_backend_compiles_in_epoch_1_only(data_dir, tmp_path, monkeypatch):
+    from torch._dynamo.backends.debugging import aot_eager
+    graphs, per_epoch, real = [], [], mpkd.train_one_epoch
+
+    def backend(gm, example_inputs):  # counts every (re)compilation
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        per_epoch.append(len(graphs))
+        return out
+
+    monkeypatch.setattr(mpkd, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(mpkd, "train_one_epoch", counted)
+    argv = ["--data", str(data_dir), "--distill-weight", "0", "--teacher-logits", str(tmp_path / "none.pt"),
+            "--out", str(tmp_path / "c.pt"), "--epochs", "2", "--img-size", "32", "--batch-size", "10",
+            "--device", "cpu", "--compile"]  # 24 images: batches of 10, 10 and 4, two shapes
+    distill.main(distill.get_args(argv))
+    assert per_epoch[0] >= 1 and per_epoch[1] == per_epoch[0]  # no recompilation after epoch 1
+    ckpt = mpkd.load_file(tmp_path / "c.pt", mpkd.CHECKPOINT_FORMAT)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"])
+    assert ckpt["state_dict"].keys() == mpkd.build_mixnet("mixnet_s", 4, False).state_dict().keys()
+    first, second = ckpt["history"]
+    assert first["compile_seconds"] > 0 and second["compile_seconds"] == 0
+    assert first["images_per_s"] > 0 and "compiling" in mpkd.format_record(first)
+
+
+def test_ctrl_c_during_the_state_save_names_the_epoch_on_disk(trained, data_dir, tmp_path, monkeypatch):
+    real, saves = mpkd.save_atomic, []
+
+    def interrupted_save(obj, path):
+        saves.append(path)
+        if len(saves) == 2:  # the state of epoch 2: Ctrl-C before it replaced epoch 1's
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(mpkd, "save_atomic", interrupted_save)
+    with pytest.raises(mpkd.Interrupted, match="interrupted in epoch 2; epoch 1 is saved"):
+        distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt")))
+    assert mpkd.load_file(mpkd.state_path(tmp_path / "s.pt"), mpkd.STATE_FORMAT)["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,7 +974,7 @@ def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
 def test_benchmark_reports_every_figure_and_leaves_the_model_alone():
     model = mpkd.build_mixnet("mixnet_s", 3, pretrained=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = evaluate.benchmark(model, 32, torch.device("cpu"), amp=False, train_batch=4, repeats=2)
+    result = evaluate.benchmark(model, 32, torch.device("cpu"), "fp32", train_batch=4, repeats=2)
     assert set(result) == {"latency_ms", "throughput", "train_step_images_per_s", "kd_step_images_per_s"}
     assert all(v > 0 and math.isfinite(v) for v in result.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -891,8 +1078,39 @@ def test_group_split_from_a_csv_travels_with_the_teacher_logits(tmp_path, capsys
     rows = evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--data", str(root), "--device", "cpu"]))
     assert rows[0]["data"]["groups_fingerprint"] == ident["groups_fingerprint"]
     (tmp_path / "groups.csv").write_text((tmp_path / "groups.csv").read_text().replace("patient1", "patient2"))
-    with pytest.raises(mpkd.UserError, match="groups_fingerprint"):  # a changed file is refused
+    with pytest.raises(mpkd.UserError, match="groups.csv, is neither at"):  # a changed file is refused
         evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--data", str(root), "--device", "cpu"]))
+
+
+def test_groups_file_is_found_by_its_content_on_another_machine(tmp_path):
+    made = tmp_path / "server"
+    root = make_dataset(made / "tiles", classes=3, per_class=12)
+    _groups_csv(root, made / "patients.csv")
+    train_teacher.main(train_teacher.get_args(teacher_argv(root, made, "--groups", made / "patients.csv",
+                                                           "--epochs", "1")))
+    distill.main(distill.get_args(["--data", str(root), "--teacher-logits", str(made / "teacher_logits.pt"),
+                                   "--out", str(made / "s.pt"), "--epochs", "1", "--batch-size", "8",
+                                   "--device", "cpu"]))
+    laptop = tmp_path / "laptop"  # the whole folder moved: the recorded absolute path is gone
+    made.rename(laptop)
+    tiles, student = laptop / "tiles", laptop / "s.pt"
+    rows = evaluate.main(evaluate.get_args([str(student), "--data", str(tiles), "--device", "cpu"]))
+    assert rows[0]["data"]["groups_file"] == str((tmp_path / "server" / "patients.csv").resolve())  # as recorded
+    (laptop / "patients.csv").rename(tmp_path / "elsewhere.csv")  # neither in nor beside the data folder
+    with pytest.raises(mpkd.UserError, match="pass --groups PATH"):
+        evaluate.main(evaluate.get_args([str(student), "--data", str(tiles), "--device", "cpu"]))
+    again = evaluate.main(evaluate.get_args([str(student), "--data", str(tiles), "--device", "cpu",
+                                             "--groups", str(tmp_path / "elsewhere.csv")]))
+    assert again[0]["outcomes"] == rows[0]["outcomes"] and again[0]["files"] == rows[0]["files"]
+    (tmp_path / "elsewhere.csv").rename(tiles / "patients.csv")  # in the data folder: found by name
+    distill.main(distill.get_args(["--data", str(tiles), "--teacher-logits", str(laptop / "teacher_logits.pt"),
+                                   "--out", str(laptop / "s2.pt"), "--epochs", "1", "--batch-size", "8",
+                                   "--device", "cpu"]))
+    other = tmp_path / "other.csv"
+    other.write_text((tiles / "patients.csv").read_text().replace("patient1", "patient2"))
+    with pytest.raises(mpkd.UserError, match="its content differs"):
+        evaluate.main(evaluate.get_args([str(student), "--data", str(tiles), "--device", "cpu",
+                                         "--groups", str(other)]))
 
 
 def test_groups_file_missing_a_tile_or_without_header_is_refused(tmp_path):

@@ -57,8 +57,9 @@ def get_args(argv=None):
                    help="ImageNet weights to start from instead of timm's download: a state dict "
                         "(.pt/.pth/.bin) or .safetensors of the same network, 1000-class head")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (no-op on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
+                        "or newer, and fp32 elsewhere; --amp asks for it on the CPU too; --no-amp: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its saved state")
@@ -71,6 +72,7 @@ def main(args):
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, args.logits_out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
+    precision = mpkd.pick_precision(device, args.amp)
     data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed,
                              args.test_frac, args.val_frac, args.groups)
     state = mpkd.open_state(config, data["identity"])  # refuses a stale or foreign state before decoding
@@ -90,17 +92,18 @@ def main(args):
         if epochs_done not in stored_epochs:
             return {}
         start = time.perf_counter()
-        extra.setdefault("logits", {})[epochs_done] = mpkd.both_views_logits(model, train["images"], args.amp)
+        extra.setdefault("logits", {})[epochs_done] = mpkd.both_views_logits(model, train["images"], precision)
         if val_logits is not None:  # the plain view of the validation images: the route diagnostic
             extra.setdefault("val_logits", {})[epochs_done] = val_logits.cpu()
         return {"logits_seconds": time.perf_counter() - start}
 
     print(f"teacher {args.model}: {mpkd.count_params(model) / 1e6:.2f}M parameters, "
-          f"{len(train['labels'])} training images on {device}; "
+          f"{len(train['labels'])} training images on {device} in {precision}; "
           f"logits stored after epochs {sorted(stored_epochs)}")
     run = mpkd.fit(model, train, val, config, data["identity"], state, after_epoch=store_logits, say=print)
     teacher_logits = {"format": mpkd.LOGITS_FORMAT, "identity": data["identity"], "teacher": args.model,
-                      "logits": run["extra"]["logits"], "args": config}
+                      "logits": run["extra"]["logits"], "args": config,
+                      "precision": mpkd.precisions(run["history"])}  # the teacher's, logits included
     if "val_logits" in run["extra"]:  # {stored epoch: (N_val, C)}; absent without a validation part
         teacher_logits["val_logits"] = run["extra"]["val_logits"]
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], "teacher", run["history"])
