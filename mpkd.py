@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -700,16 +701,31 @@ def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size:
                  slides: int = 10, suffix: str = ".tif") -> Path:
     """Write a generated stand-in of Kather's shape: `classes` folders of `per_class` noisy tiles of
     one colour per class, named like Kather's tiles (so --split-by slide works). Not tissue: it is
-    for trying the scripts and measuring speed; accuracies on it say nothing about histology."""
+    for trying the scripts and measuring speed; accuracies on it say nothing about histology.
+    Idempotent: a stand-in already made with the same settings is kept as it is (the content is
+    seeded, so it would be the same); a folder holding anything else is refused."""
+    root = Path(root)
+    settings = {"classes": classes, "per_class": per_class, "size": size, "slides": slides, "suffix": suffix}
+    manifest = root / "standin.json"  # not an image: find_images passes it by
+    if root.exists():
+        if manifest.is_file() and json.loads(manifest.read_text()) == settings:
+            return root
+        raise UserError(f"{root} exists and is not a stand-in made with these settings ({settings}); "
+                        f"remove it or choose another folder")
+    partial = root.parent / f".{root.name}.partial"  # renamed into place when complete
+    if partial.exists():
+        shutil.rmtree(partial)
     rng = np.random.default_rng(0)
     for c in range(classes):
-        folder = Path(root) / f"{c + 1:02d}_CLASS{c}"
+        folder = partial / f"{c + 1:02d}_CLASS{c}"
         folder.mkdir(parents=True)
         colour = np.array([(c * 70) % 256, (c * 150 + 40) % 256, (255 - c * 60) % 256])
         for i in range(per_class):
             pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{c}{i:03d}_CRC-Prim-HE-{i % slides + 1:02d}_x{suffix}")
-    return Path(root)
+    (partial / "standin.json").write_text(json.dumps(settings))
+    partial.rename(root)
+    return root
 
 
 def normalise(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
@@ -941,8 +957,9 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
     sync(device)  # the one sync point of the epoch
     seconds = time.perf_counter() - start
     bad = int(bad_batch)
+    timed = seen - compile_images  # None below: every step of the epoch compiled, none was timed
     stats = {"loss": total_loss.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
-             "images_per_s": (seen - compile_images) / max(seconds - compile_seconds, 1e-9), "train_seconds": seconds,
+             "images_per_s": timed / (seconds - compile_seconds) if timed else None, "train_seconds": seconds,
              "bad_batch": bad if bad > 0 else None}
     if compiled is not None:
         stats["compile_seconds"] = compile_seconds
@@ -963,7 +980,8 @@ def format_record(r: dict) -> str:
         parts.append(f"logits stored {r['logits_seconds']:.1f}s")
     if r.get("compile_seconds"):  # left out of img/s
         parts.append(f"compiling {r['compile_seconds']:.1f}s")
-    parts += [f"{r['images_per_s']:7.1f} img/s", f"{r['seconds']:6.1f}s"]
+    speed = f"{r['images_per_s']:7.1f}" if r["images_per_s"] is not None else "      -"
+    parts += [f"{speed} img/s", f"{r['seconds']:6.1f}s"]
     return " | ".join(parts)
 
 
@@ -1056,8 +1074,8 @@ def precisions(history: list[dict]) -> str:
 def make_checkpoint(model, args: dict, identity: dict, method: str, history: list) -> dict:
     """Everything evaluate.py needs besides --data, as plain types and tensors (weights_only-safe)."""
     return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method,
-            "identity": identity, "precision": precisions(history), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "args": args, "history": history,
+            "identity": identity, "precision": precisions(history), "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "args": args, "history": history,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
