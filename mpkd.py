@@ -707,7 +707,7 @@ def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size:
     root = Path(root)
     settings = {"classes": classes, "per_class": per_class, "size": size, "slides": slides, "suffix": suffix}
     manifest = root / "standin.json"  # not an image: find_images passes it by
-    if root.exists():
+    if root.exists() and not (root.is_dir() and not any(root.iterdir())):  # an empty folder is filled
         if manifest.is_file() and json.loads(manifest.read_text()) == settings:
             return root
         raise UserError(f"{root} exists and is not a stand-in made with these settings ({settings}); "
@@ -724,7 +724,7 @@ def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size:
             pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{c}{i:03d}_CRC-Prim-HE-{i % slides + 1:02d}_x{suffix}")
     (partial / "standin.json").write_text(json.dumps(settings))
-    partial.rename(root)
+    partial.rename(root)  # also onto an empty folder
     return root
 
 
