@@ -25,8 +25,9 @@ AUTO_THRESHOLD = 0.5  # --auto-threshold's default; how it was chosen: README, "
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=mpkd.DEFAULT_DATA,
-                   help="folder of class folders (downloaded if it is the default and missing)")
+    p.add_argument("--data", default=None,
+                   help="folder of class folders (unset: in distill.py the folder the teacher logits "
+                        "were made from, else Kather 2016's, downloaded if missing)")
     p.add_argument("--teacher-logits", default="teacher_logits.pt",
                    help="the stored teacher logits written by train_teacher.py")
     p.add_argument("--out", default="student.pt", help="student checkpoint")
@@ -86,8 +87,11 @@ def read_teacher(args):
     """The teacher logits file, read when the run distils or when it is there: it carries the image
     size and split settings, so a student run need not repeat them. None for a student alone
     without one."""
-    if args.distill_weight == 0 and not Path(args.teacher_logits).is_file():
-        return None
+    if not Path(args.teacher_logits).is_file():
+        if args.distill_weight == 0:
+            return None
+        raise mpkd.UserError(f"{args.teacher_logits} does not exist: train_teacher.py writes it (or "
+                             f"pass --teacher-logits PATH; --distill-weight 0 trains the student alone)")
     return mpkd.load_teacher_logits(args.teacher_logits)
 
 
@@ -157,13 +161,18 @@ def student_hooks(args, anchors, teacher_val):
 def main(args):
     config = vars(args)
     teacher = read_teacher(args)
+    args.data, note = mpkd.resolve_data_folder(args.data, teacher and teacher["args"].get("data"),
+                                               args.teacher_logits)
+    if note:
+        print(note)
     mpkd.resolve_data_settings(config, teacher and teacher["identity"], args.teacher_logits)
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
     precision = mpkd.pick_precision(device, args.amp)
-    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed,
-                             args.test_frac, args.val_frac, args.groups)
+    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed, args.test_frac,
+                             args.val_frac, args.groups,
+                             teacher and (teacher["identity"]["classes"], args.teacher_logits))
     state = mpkd.open_state(config, data["identity"])
     anchors = teacher_anchors(args, teacher)
     if teacher is not None:  # the teacher's data, split and classes, or a refusal naming the difference

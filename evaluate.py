@@ -44,8 +44,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="checkpoints written by train_teacher.py or distill.py")
-    p.add_argument("--data", default=mpkd.DEFAULT_DATA,
-                   help="folder of class folders the checkpoints were trained on")
+    p.add_argument("--data", default=None,
+                   help="folder of class folders the checkpoints were trained on (unset: the folder "
+                        "each checkpoint records)")
     p.add_argument("--groups", default=None, metavar="FILE.csv",
                    help="the groups file of checkpoints split by group, where it is not found by "
                         "itself (at its recorded path, or by name in or beside --data)")
@@ -275,19 +276,22 @@ def load_checkpoint(path) -> dict:
 
 
 def test_part(ckpt, path, args, device, cache):
-    """The checkpoint's data and test images, decoded once per split and image size."""
+    """The checkpoint's data and test images, decoded once per data folder, split and image size."""
     ident = ckpt["identity"]
-    key = (*(ident.get(k) for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac")),
-           mpkd.locate_groups(ident, args.data, args.groups))  # found by content, on any machine
+    root, note = mpkd.resolve_data_folder(args.data, ckpt["args"].get("data"), path)
+    key = (root, *(ident.get(k) for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac")),
+           mpkd.locate_groups(ident, root, args.groups))  # found by content, on any machine
     if key not in cache:
-        data = mpkd.load_dataset(args.data, *key)
+        if note:
+            print(note)
+        data = mpkd.load_dataset(*key, classes_of=(ident["classes"], path))  # the folder first
         mpkd.check_memory(data, ("test",), device)
         progress = lambda done, total: print(f"  decoded {done} / {total} test images")
         cache[key] = (data, mpkd.load_part(data, "test", device, progress))
     data, part = cache[key]
     differ = mpkd.mismatches(ident, data["identity"])
     if differ:
-        raise mpkd.UserError(f"{path} does not belong to --data {args.data} ({'; '.join(differ)})")
+        raise mpkd.UserError(f"{path} does not belong to the data folder {root} ({'; '.join(differ)})")
     return data, part
 
 
@@ -312,6 +316,7 @@ def evaluate_checkpoint(path, args, device, cache) -> dict:
            "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]],
            "test_key": [data["root"], mpkd.fingerprint(part["files"], labels)],
            "outcomes": outcomes, "files": part["files"], "labels": labels, "predicted": predicted,
+           "groups": part.get("groups"),
            "probs": torch.softmax(logits, 1).cpu().tolist(), "history": ckpt["history"]}
     if args.benchmark:
         row["benchmark"] = benchmark(model, ckpt["identity"]["img_size"], device, precision,
@@ -319,7 +324,7 @@ def evaluate_checkpoint(path, args, device, cache) -> dict:
     return row
 
 
-PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history")  # not in the JSON
+PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history", "groups")  # not in the JSON
 
 
 def export_checkpoint(path, args, device, cache) -> dict:
@@ -415,11 +420,15 @@ def write_csv(header: list[str], rows: list[list], path) -> None:
 
 
 def test_predictions_csv(rows, path) -> None:
-    """One row per test tile and checkpoint: file, true and predicted class, class probabilities."""
+    """One row per test tile and checkpoint: file, true and predicted class, class probabilities,
+    and the tile's group (slide or patient) where the split is by group or slide."""
     classes = rows[0]["classes"]
-    write_csv(["checkpoint", "file", "true", "predicted", *(f"p_{c}" for c in classes)],
-              [[r["checkpoint"], f, classes[t], classes[p], *pr]
-               for r in rows for f, t, p, pr in zip(r["files"], r["labels"], r["predicted"], r["probs"])],
+    grouped = any(r["groups"] for r in rows)
+    write_csv(["checkpoint", "file", *(["group"] if grouped else []), "true", "predicted",
+               *(f"p_{c}" for c in classes)],
+              [[r["checkpoint"], f, *([g] if grouped else []), classes[t], classes[p], *pr]
+               for r in rows for f, g, t, p, pr in zip(r["files"], r["groups"] or [""] * len(r["files"]),
+                                                       r["labels"], r["predicted"], r["probs"])],
               path)
 
 
@@ -428,11 +437,11 @@ def test_predictions_csv(rows, path) -> None:
 
 
 def import_pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or a one-line error saying how to get it."""
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
-        raise mpkd.UserError("--plots needs matplotlib: pip install matplotlib") from None
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -454,7 +463,8 @@ def plot_learning_curves(plt, rows, path) -> None:
     """Training loss, validation accuracy and the stored teacher epoch followed, per epoch: one
     colour per Table II row, thin lines per seed and a bold mean where a row has several."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    titles = ("training loss", "validation accuracy (%)", "teacher epoch followed (KD target)")
+    titles = ("training loss\n(with KD: (1-w) CE + w T² KL, not comparable with CE alone)",
+              "validation accuracy (%)", "teacher epoch followed (KD target)")
     keys = ("loss", "val_acc", "teacher_epoch")
     groups = {}
     for r in rows:
@@ -554,7 +564,10 @@ def plot_table2(plt, rows, summary, path) -> None:
                   fontsize=8)
     ax.set_xlim(-0.5, len(summary) - 0.3)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Table II: dots are seeds; diamond: mean with 95% interval", fontsize=10)
+    bar = ("95% t-interval of the mean across seeds" if all(s["n"] > 1 for s in summary) else
+           f"95% Wilson interval over the {rows[0]['n_test']} test tiles" if all(s["n"] == 1 for s in summary)
+           else "95% interval: t across seeds, Wilson over test tiles where n=1")
+    ax.set_title(f"Table II: dots are seeds; diamond: mean with its {bar}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     _finish(plt, fig, path)
 
@@ -571,20 +584,21 @@ def plot_route(plt, row, path) -> None:
     if followed:
         ax.scatter([c for _, c in followed], [r for r, _ in followed], marker="s", s=60, facecolors="none",
                    edgecolors="red", linewidths=1.5, label="followed (KD target)")
-        ax.legend(loc="upper right", fontsize=7)
-    nearest = kl.argmin(1)
-    ax.scatter(nearest, range(len(history)), marker=".", color="white", s=20, label="nearest")
+    nearest = kl.argmin(1)  # black-rimmed white dots: visible on the bright and the dark end of the map
+    ax.scatter(nearest, range(len(history)), marker="o", s=22, facecolors="white", edgecolors="black",
+               linewidths=0.8, label="nearest")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=7)  # below: no cell hidden
     ax.set_xticks(range(len(stored)), [str(e) for e in stored], fontsize=8)
     ax.set_yticks(range(len(history)), [str(h["epoch"]) for h in history], fontsize=7)
     ax.set_xlabel("stored teacher epoch")
     ax.set_ylabel("student epoch")
     ax.set_title(f"route of {row['method']}, {row['checkpoint']}\nKL(teacher || student) on validation "
-                 f"images (white dot: nearest)", fontsize=9)
+                 f"images", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     _finish(plt, fig, path)
 
 
-def write_plots(plt, rows, summary, root, folder) -> list[Path]:
+def write_plots(plt, rows, summary, folder) -> list[Path]:
     """Every picture for these checkpoints, into `folder`; returns the files written."""
     folder = Path(folder)
     written = [folder / "learning_curves.png", folder / "table2.png"]
@@ -594,7 +608,7 @@ def write_plots(plt, rows, summary, root, folder) -> list[Path]:
         written += [folder / f"confusion_{_tag(i, r['checkpoint'])}.png",
                     folder / f"errors_{_tag(i, r['checkpoint'])}.png"]
         plot_confusion(plt, r, written[-2])
-        plot_errors(plt, r, root, written[-1])
+        plot_errors(plt, r, r["data"]["folder"], written[-1])
         if any(h.get("route") for h in r["history"]):
             written.append(folder / f"route_{_tag(i, r['checkpoint'])}.png")
             plot_route(plt, r, written[-1])
@@ -881,7 +895,7 @@ def main(args):
         if len(args.checkpoints) != 1 or not args.export.endswith(".onnx"):
             raise mpkd.UserError("--export PATH.onnx writes one checkpoint: give exactly one and a .onnx path")
         mpkd.check_writable(args.export)
-    plt = import_pyplot() if args.plots else None  # fail before any work if matplotlib is missing
+    plt = import_pyplot() if args.plots else None  # None: the report first, then the one-line error
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         mpkd.check_writable(Path(args.plots) / "table2.png")
@@ -902,8 +916,11 @@ def main(args):
         mpkd.write_text_atomic(json.dumps(report, indent=1), args.json)
     if args.predictions:
         test_predictions_csv(rows, args.predictions)
-    if plt is not None:
-        written = write_plots(plt, rows, summary, args.data, args.plots)
+    if args.plots and plt is None:  # after the report: a missing package costs no result
+        raise mpkd.UserError("--plots needs matplotlib: pip install matplotlib (the report above is "
+                             "complete; only the pictures were not written)")
+    if args.plots:
+        written = write_plots(plt, rows, summary, args.plots)
         print(f"\nwrote {len(written)} pictures to {args.plots}")
     return rows
 

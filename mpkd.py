@@ -422,32 +422,54 @@ def slide_ids(files: list[str]) -> list[str]:
     for name in files:
         match = SLIDE_PATTERN.search(Path(name).name)
         if match is None:
-            raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name, "
-                            f"{name} has none")
+            raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name (Kather's "
+                            f"tiles), {name} has none; for other data give --groups FILE.csv (columns "
+                            f"file,group) to split by slide or patient")
         ids.append(match.group(0))
     return ids
 
 
-def read_groups(path: str | Path, files: list[str]) -> list[str]:
-    """The group (slide or patient) of every file, from a CSV with the columns `file` (relative to
-    --data) and `group`; a file the CSV does not name is an error."""
+GROUP_FILE_COLUMNS = ("file", "path", "filename", "image", "tile")  # header names taken, any case
+GROUP_COLUMNS = ("group", "slide", "patient", "case", "subject")
+
+
+def read_groups(path: str | Path, files: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The group (slide or patient) of every file, from a CSV whose header names a file column
+    (file, path, filename, image or tile; relative to --data) and a group column (group, slide,
+    patient, case or subject), or has exactly two columns of any names. Returns the groups, a line
+    naming the columns taken, and warnings (rows naming files that are not in the data). A data file
+    the CSV does not name is an error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--groups {path} does not exist")
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's byte-order mark
+            rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"--groups {path} is not a readable CSV ({err})") from None
-    if not rows or not {"file", "group"} <= set(rows[0]):
-        raise UserError(f"--groups {path} needs a header with the columns file,group (file relative "
-                        f"to --data, group: the slide or patient id)")
-    group_of = {Path(r["file"].strip()).as_posix(): r["group"].strip() for r in rows}
+    header = [h.strip() for h in rows[0]] if rows else []
+    lower = [h.lower() for h in header]
+    pick = lambda names: next((lower.index(n) for n in names if n in lower), None)
+    file_col, group_col = pick(GROUP_FILE_COLUMNS), pick(GROUP_COLUMNS)
+    if (file_col is None or group_col is None) and len(header) == 2:
+        file_col, group_col = 0, 1
+    headerless = file_col is not None and Path(header[file_col]).as_posix() in set(files)
+    if file_col is None or group_col is None or len(rows) < 2 or headerless:
+        raise UserError(f"--groups {path} needs a header naming a file column ({', '.join(GROUP_FILE_COLUMNS)}) "
+                        f"and a group column ({', '.join(GROUP_COLUMNS)}), or exactly two columns, and one "
+                        f"row per image; its header is {','.join(header) or 'empty'}")
+    group_of = {Path(r[file_col].strip()).as_posix(): r[group_col].strip()
+                for r in rows[1:] if len(r) > max(file_col, group_col) and r[file_col].strip()}
     missing = [f for f in files if not group_of.get(f)]
     if missing:
         raise UserError(f"--groups {path} names no group for {len(missing)} of {len(files)} images, "
                         f"e.g. {', '.join(missing[:3])}")
-    return [group_of[f] for f in files]
+    known = set(files)
+    absent = [f for f in group_of if f not in known]
+    taken = f"groups from {path.name}: file column '{header[file_col]}', group column '{header[group_col]}'"
+    warnings = [f"{len(absent)} rows of {path.name} name files that are not in the data (e.g. "
+                f"{', '.join(absent[:3])}); they are ignored"] if absent else []
+    return [group_of[f] for f in files], [taken], warnings
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -550,18 +572,27 @@ def fingerprint(files: list[str], labels: list[int]) -> str:
 
 
 def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int, test_frac: float,
-                 val_frac: float, groups_file: str | Path | None = None) -> dict:
+                 val_frac: float, groups_file: str | Path | None = None, classes_of: tuple | None = None) -> dict:
     """Index a class-folder data set and split it; images are decoded later, part by part.
-    `data["warnings"]` names classes that the split leaves without a training or test tile."""
+    `classes_of` = (classes, source): refuse, before anything else is read, a folder whose classes
+    are not those of `source` (a checkpoint or teacher logits file). `data["notes"]` says where the
+    groups came from; `data["warnings"]` names classes that the split leaves without a training or
+    test tile and rows of a groups file that name no data file."""
     if not Path(root).exists() and Path(root) == Path(DEFAULT_DATA):
         fetch_kather(root)
     files, labels, classes = find_images(root)
+    if classes_of is not None and classes != classes_of[0]:
+        raise UserError(f"{classes_of[1]} does not belong to the data folder {root}: its classes are "
+                        f"{', '.join(classes_of[0])}; the folder's are {', '.join(classes)}")
     if split_by == "group" and groups_file is None:
         raise UserError("--split-by group needs --groups FILE.csv (columns file,group)")
     if split_by != "group" and groups_file is not None:
         raise UserError(f"--groups is for --split-by group, not --split-by {split_by}")
-    groups = {"slide": slide_ids, "group": lambda f: read_groups(groups_file, f)}.get(split_by)
-    groups = groups(files) if groups else None
+    groups, notes, warnings = None, [], []
+    if split_by == "slide":
+        groups = slide_ids(files)
+    elif split_by == "group":
+        groups, notes, warnings = read_groups(groups_file, files)
     split = split_indices(labels, test_frac, val_frac, split_seed, groups)
     train = split["train"]
     identity = {  # everything the stored teacher logits and checkpoints must agree on
@@ -571,11 +602,11 @@ def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int
         "groups_file": str(Path(groups_file).resolve()) if groups_file else None,
         "groups_fingerprint": file_fingerprint(groups_file) if groups_file else None,
     }
-    warnings = [f"class {name} has no {part} tile in this split"
-                for c, name in enumerate(classes) for part in ("train", "test")
-                if not any(labels[i] == c for i in split[part])]
+    warnings += [f"class {name} has no {part} tile in this split"
+                 for c, name in enumerate(classes) for part in ("train", "test")
+                 if not any(labels[i] == c for i in split[part])]
     return {"root": str(root), "files": files, "labels": labels, "classes": classes, "groups": groups,
-            "split": split, "identity": identity, "warnings": warnings}
+            "split": split, "identity": identity, "notes": notes, "warnings": warnings}
 
 
 def check_images_open(data: dict) -> None:
@@ -659,14 +690,15 @@ def load_part(data: dict, part: str, device: torch.device, progress=None) -> dic
                          progress)
     labels = torch.tensor([data["labels"][i] for i in idx], dtype=torch.long)
     return {"images": images.to(device), "labels": labels.to(device),
-            "files": [data["files"][i] for i in idx]}
+            "files": [data["files"][i] for i in idx],
+            "groups": [data["groups"][i] for i in idx] if data["groups"] else None}
 
 
 def decode_for_training(data: dict, device: torch.device, batch_size: int, say, warn) -> tuple[dict, dict]:
     """What both training scripts do before their first epoch: show the split, check that every
     image (test part included) opens and that the decoded parts fit, then decode the training and
     validation parts onto `device`. `say` and `warn` print to stdout and stderr."""
-    say("\n".join(split_table(data)))
+    say("\n".join(data["notes"] + split_table(data)))
     for line in data["warnings"]:
         warn(f"warning: {line}")
     check_images_open(data)
@@ -1248,6 +1280,20 @@ def check_same_data(found: dict, identity: dict, path: str | Path) -> None:
     differ = mismatches(identity, found)
     if differ:
         raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
+
+
+def resolve_data_folder(given: str | None, recorded: str | None, source: str) -> tuple[str, str | None]:
+    """The data folder of a run: --data when given; else the folder `source` (a teacher logits file
+    or a checkpoint) was made from, with a line saying so; else Kather 2016's. A recorded folder that
+    is not on this machine is an error naming it, never a download of the default."""
+    if given is not None:
+        return given, None
+    if recorded is None:
+        return DEFAULT_DATA, None
+    if not Path(recorded).is_dir() and Path(recorded) != Path(DEFAULT_DATA):
+        raise UserError(f"no --data given, and {recorded}, the data folder {source} was made from, is "
+                        f"not here (relative paths count from where you run); pass --data DIR")
+    return recorded, f"data: {recorded}, the folder {source} was made from (--data changes it)"
 
 
 DATA_DEFAULTS = {"img_size": 112, "split_by": "tile", "split_seed": 0, "test_frac": 0.2, "val_frac": 0.2,

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -390,11 +391,62 @@ def test_plots_write_every_picture(trained, student, data_dir, tmp_path, capsys)
     assert "wrote 7 pictures" in capsys.readouterr().out
 
 
-def test_plots_without_matplotlib_is_one_clear_line(trained, data_dir, tmp_path, monkeypatch):
+def test_plots_without_matplotlib_is_one_clear_line_after_the_report(trained, data_dir, tmp_path, monkeypatch,
+                                                                     capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to import
     with pytest.raises(mpkd.UserError, match="pip install matplotlib"):
         evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), "--data", str(data_dir), "--device", "cpu",
-                                         "--plots", str(tmp_path / "plots")]))
+                                         "--plots", str(tmp_path / "plots"), "--json", str(tmp_path / "r.json")]))
+    assert "teacher        MixNet-L" in capsys.readouterr().out  # the whole report came first
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]["method"] == "teacher"
+
+
+def test_evaluate_and_distill_take_the_data_folder_the_run_recorded(trained, data_dir, tmp_path, capsys):
+    distill.main(distill.get_args(["--teacher-logits", str(trained / "teacher_logits.pt"), "--out",
+                                   str(tmp_path / "s.pt"), "--epochs", "1", "--batch-size", "8", "--device", "cpu"]))
+    assert f"data: {data_dir}, the folder {trained / 'teacher_logits.pt'} was made from" in capsys.readouterr().out
+    rows = evaluate.main(evaluate.get_args([str(tmp_path / "s.pt"), "--device", "cpu"]))
+    assert rows[0]["data"]["folder"] == str(data_dir) and "data: " in capsys.readouterr().out
+    ckpt = mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)
+    ckpt["args"]["data"] = str(tmp_path / "gone")
+    mpkd.save_atomic(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(mpkd.UserError, match=f"no --data given, and {tmp_path / 'gone'}, the data folder"):
+        evaluate.main(evaluate.get_args([str(tmp_path / "moved.pt"), "--device", "cpu"]))
+
+
+def test_a_wrong_data_folder_is_named_before_its_groups(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=3, per_class=12)
+    _groups_csv(root, tmp_path / "groups.csv")
+    train_teacher.main(train_teacher.get_args(teacher_argv(root, tmp_path, "--groups", tmp_path / "groups.csv",
+                                                           "--epochs", "1")))
+    other = make_dataset(tmp_path / "other", classes=2, per_class=12)
+    with pytest.raises(mpkd.UserError, match="teacher.pt does not belong to the data folder .*other: its classes"):
+        evaluate.main(evaluate.get_args([str(tmp_path / "teacher.pt"), "--data", str(other), "--device", "cpu"]))
+    with pytest.raises(mpkd.UserError, match="teacher_logits.pt does not belong to the data folder"):
+        distill.main(distill.get_args(["--data", str(other), "--teacher-logits", str(tmp_path / "teacher_logits.pt"),
+                                       "--out", str(tmp_path / "s.pt"), "--device", "cpu"]))
+    with pytest.raises(mpkd.UserError, match="does not exist: train_teacher.py writes it"):
+        distill.main(distill.get_args(["--data", str(root), "--teacher-logits", str(tmp_path / "none.pt"),
+                                       "--out", str(tmp_path / "s.pt"), "--device", "cpu"]))
+    rows = evaluate.main(evaluate.get_args([str(tmp_path / "teacher.pt"), "--device", "cpu",
+                                            "--predictions", str(tmp_path / "p.csv")]))
+    table = _csv(tmp_path / "p.csv")
+    group = {line.split(",")[0]: line.split(",")[1] for line in (tmp_path / "groups.csv").read_text().splitlines()[1:]}
+    assert [r["group"] for r in table] == [group[f] for f in rows[0]["files"]]  # the leakage check needs no join
+
+
+def test_standin_is_idempotent_and_leaves_other_folders_alone(tmp_path):
+    first = mpkd.make_standin(tmp_path / "s", classes=2, per_class=3, size=32)
+    stamp = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+    mpkd.make_standin(tmp_path / "s", classes=2, per_class=3, size=32)  # again: nothing to do
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == stamp
+    with pytest.raises(mpkd.UserError, match="is not a stand-in made with these settings"):
+        mpkd.make_standin(tmp_path / "s", classes=2, per_class=4, size=32)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a lab's own folder")
+    with pytest.raises(mpkd.UserError, match="remove it or choose another folder"):
+        mpkd.make_standin(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_images_predicts_a_messy_folder_like_the_test_report(student, data_dir, tmp_path):
@@ -832,6 +884,55 @@ def test_ctrl_c_during_the_state_save_names_the_epoch_on_disk(trained, data_dir,
 
 
 # ----------------------------------------------------------------------------------------------
+# The README: every block runs as pasted
+
+
+def _readme_blocks():
+    """(heading, code) of every ```bash block in the README."""
+    text, heading, blocks = (HERE / "README.md").read_text(), "", []
+    for part in text.split("```"):
+        if part.startswith("bash\n"):
+            blocks.append((heading, part[len("bash\n"):]))
+        else:
+            heading = next((line for line in reversed(part.splitlines()) if line.startswith("#")), heading)
+    return blocks
+
+
+def test_readme_blocks_name_only_flags_the_scripts_have():
+    # blocks that need the real data set or hours of training are checked flag by flag; the
+    # five-minute block runs for real below, and CI runs the test command
+    scripts = {"train_teacher.py": train_teacher, "distill.py": distill, "evaluate.py": evaluate}
+    variables = {"$S": "--batch-size 16 --epochs 5 --device cpu".split(), "$s": ["0"], "$f": ["--multipart"]}
+    checked = 0
+    for _, code in _readme_blocks():
+        for line in code.replace("\\\n", " ").splitlines():
+            for command in re.split(r"&&|\(|;", line.split("#")[0]):
+                words = command.split()
+                if len(words) >= 2 and words[0] == "python" and words[1] in scripts:
+                    scripts[words[1]].get_args([x for w in words[2:] for x in variables.get(w, [w])])
+                    checked += 1
+    assert checked >= 15
+
+
+def test_readme_five_minute_block_runs_as_pasted_twice(tmp_path):
+    (code,) = [code for heading, code in _readme_blocks() if heading.startswith("## Five minutes")]
+    for name in ("mpkd.py", "train_teacher.py", "distill.py", "evaluate.py"):
+        (tmp_path / name).write_bytes((HERE / name).read_bytes())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    outputs = []
+    for _ in range(2):  # the second run is what a user does after fixing something
+        proc = subprocess.run(["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    table = [[line for line in out.splitlines() if line.endswith(".pt") and "%" not in line and "[" in line]
+             for out in outputs]
+    assert len(table[0]) == 4 and table[0] == table[1]  # four Table II rows, the same both times
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"learning_curves.png", "table2.png"}
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad inputs: one clear line, exit status 2, nothing overwritten
 
 
@@ -1121,8 +1222,37 @@ def test_groups_file_missing_a_tile_or_without_header_is_refused(tmp_path):
     with pytest.raises(mpkd.UserError, match="no group for 2 of 8 images"):
         mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
     (tmp_path / "g.csv").write_text("\n".join(lines[1:]) + "\n")
-    with pytest.raises(mpkd.UserError, match="header with the columns file,group"):
+    with pytest.raises(mpkd.UserError, match="needs a header naming a file column"):
         mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
+
+
+def test_a_labs_groups_sheet_as_it_comes(tmp_path, capsys):
+    root = make_dataset(tmp_path / "d", classes=2, per_class=6)
+    files, _, _ = mpkd.find_images(root)
+    rows = [f"{f},s{i % 3}" for i, f in enumerate(files)] + ["01_CLASS0/gone.png,s9", "02_CLASS1/old.tif,s9"]
+    for header in ("path,slide", "Filename,Patient", "image,case", "Tile ID,Slide ID"):
+        (tmp_path / "g.csv").write_text("\ufeff" + header + "\n" + "\n".join(rows) + "\n")  # with Excel's BOM
+        data = mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
+        assert data["groups"] == [f"s{i % 3}" for i in range(len(files))]
+        first, second = header.split(",")
+        assert data["notes"] == [f"groups from g.csv: file column '{first}', group column '{second}'"]
+        assert data["warnings"][0].startswith("2 rows of g.csv name files that are not in the data")
+    (tmp_path / "g.csv").write_text("path,slide,scanner\n" + "\n".join(r + ",x" for r in rows) + "\n")
+    assert mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")["groups"][0] == "s0"
+    (tmp_path / "g.csv").write_text("name,who,scanner\n" + "\n".join(r + ",x" for r in rows) + "\n")
+    with pytest.raises(mpkd.UserError, match="its header is name,who,scanner"):
+        mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "g.csv")
+
+
+def test_lab_folders_as_they_come(tmp_path):
+    for cls in ("stroma", "tumour"):
+        (tmp_path / cls).mkdir()
+        for i, suffix in enumerate((".JPG", ".jpeg", ".Tif")):
+            Image.new("RGB", (40, 40), (i * 80, 30, 90)).save(tmp_path / cls / f"t{i}{suffix}",
+                                                            format="TIFF" if suffix == ".Tif" else "JPEG")
+        (tmp_path / cls / "Thumbs.db").write_bytes(b"\0" * 64)
+    files, labels, classes = mpkd.find_images(tmp_path)
+    assert classes == ["stroma", "tumour"] and len(files) == 6 and not any("Thumbs" in f for f in files)
 
 
 def test_a_class_without_test_tiles_is_a_warning(tmp_path, capsys):

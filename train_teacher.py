@@ -19,8 +19,9 @@ import mpkd
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=mpkd.DEFAULT_DATA,
-                   help="folder of class folders (downloaded if it is the default and missing)")
+    p.add_argument("--data", default=None,
+                   help="folder of class folders (unset: in distill.py the folder the teacher logits "
+                        "were made from, else Kather 2016's, downloaded if missing)")
     p.add_argument("--out", default="teacher.pt", help="teacher checkpoint")
     p.add_argument("--logits-out", default="teacher_logits.pt",
                    help="the stored teacher logits on the training set")
@@ -68,6 +69,7 @@ def get_args(argv=None):
 
 def main(args):
     config = vars(args)
+    args.data, _ = mpkd.resolve_data_folder(args.data, None, "")
     mpkd.resolve_data_settings(config)  # unset data flags take the paper's values
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, args.logits_out, mpkd.state_path(args.out), mpkd.log_path(args.out))
