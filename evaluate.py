@@ -741,8 +741,12 @@ def _one_conv(parts: list) -> torch.nn.Conv2d | None:
     if all(c.groups == c.in_channels == c.out_channels for c in parts):  # mixed depthwise kernels
         k, groups = max(c.kernel_size[0] for c in parts), channels_in
         weight = torch.cat([torch.nn.functional.pad(c.weight, [(k - c.kernel_size[0]) // 2] * 4) for c in parts])
-    elif all(c.groups == 1 and c.weight.shape == first.weight.shape for c in parts):  # grouped pointwise
-        k, groups, weight = first.kernel_size[0], len(parts), torch.cat([c.weight for c in parts])
+    elif all(c.groups == 1 and c.kernel_size == (1, 1) for c in parts):  # pointwise parts
+        # one dense 1x1 conv whose weight is block-diagonal (zeros join the parts): as fast in ONNX
+        # Runtime as a grouped conv, and computed right by OpenCV 5, which gets grouped 1x1 convs
+        # wrong inside MixNet (docs/deploy.md)
+        k, groups = 1, 1
+        weight = torch.block_diag(*(c.weight[:, :, 0, 0] for c in parts))[:, :, None, None]
     else:
         return None
     conv = torch.nn.Conv2d(channels_in, channels_out, k, first.stride, first.dilation[0] * (k // 2),
@@ -854,7 +858,7 @@ def onnx_benchmark(session, model: torch.nn.Module, size: int, repeats: int = 20
 
         def eager():
             with torch.inference_mode():
-                torch.softmax(mpkd.predict(model, nchw, False), 1)
+                torch.softmax(mpkd.predict(model, nchw, "fp32"), 1)
 
         runs = {"onnx": lambda: session.run(["probabilities"], {"images": nhwc}), "eager": eager}
         times = {name: [] for name in runs}

@@ -668,18 +668,30 @@ def _available_host_bytes() -> int | None:
     return None
 
 
+MIN_BATCHES = 16  # per epoch: the five-minute run's 16 x 5 epochs learn; 10 x 3 were seen not to
+
+
+def batches_per_epoch(n_train: int, batch_size: int) -> int:
+    """Training steps per epoch: full batches, and a last one of at least 2 images."""
+    return n_train // batch_size + (n_train % batch_size >= 2)
+
+
 def few_batches_note(n_train: int, batch_size: int) -> str | None:
     """A note for tiny data: with few batches per epoch, BatchNorm's running statistics (eval mode)
-    lag far behind the batch statistics the network trains with."""
-    batches = n_train // batch_size + (n_train % batch_size >= 2)
-    if batches >= 16:  # the five-minute run's 16 batches x 5 epochs learn; 10 x 3 were seen not to
+    lag far behind the batch statistics the network trains with. Names the --batch-size that gives
+    MIN_BATCHES batches for this data."""
+    batches = batches_per_epoch(n_train, batch_size)
+    if batches >= MIN_BATCHES:
         return None
+    fit = n_train // MIN_BATCHES  # the largest batch size with MIN_BATCHES full batches
+    fix = (f"--batch-size {fit} gives {batches_per_epoch(n_train, fit)} batches per epoch here" if fit >= 2
+           else f"{n_train} images cannot make {MIN_BATCHES} batches of 2 or more: add images")
     return (f"note: only {batches} batch(es) per epoch ({n_train} training images, --batch-size "
             f"{batch_size}). Eval mode (validation, the teacher logits, testing) uses BatchNorm's "
             f"running statistics, which move 10% towards each batch's: after an epoch they still "
             f"carry {0.9 ** batches:.0%} of what they were before it, so eval-mode accuracy can sit at "
-            f"chance with every tile given one class while training accuracy rises. Use a smaller "
-            f"--batch-size (16 or more batches per epoch) or more images.")
+            f"chance with every tile given one class while training accuracy rises. {fix}; more "
+            f"epochs also help (README, Five minutes on a CPU).")
 
 
 def load_part(data: dict, part: str, device: torch.device, progress=None) -> dict:

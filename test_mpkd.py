@@ -307,8 +307,8 @@ def test_stored_teacher_logits_have_the_right_keys_shapes_and_mirror_view(traine
     train = mpkd.load_part(data, "train", torch.device("cpu"))
     model = mpkd.load_model(ckpt, "teacher.pt")
     final = stored["logits"][3]
-    assert torch.allclose(final[:, 0], mpkd.predict(model, train["images"], False), atol=1e-5)
-    assert torch.allclose(final[:, 1], mpkd.predict(model, train["images"].flip(3), False), atol=1e-5)
+    assert torch.allclose(final[:, 0], mpkd.predict(model, train["images"], "fp32"), atol=1e-5)
+    assert torch.allclose(final[:, 1], mpkd.predict(model, train["images"].flip(3), "fp32"), atol=1e-5)
     assert not torch.allclose(final[:, 0], final[:, 1])
     assert not torch.equal(stored["logits"][1], final)  # each epoch's teacher is its own
     log = [json.loads(line) for line in (trained / "teacher.log.jsonl").read_text().splitlines()]
@@ -331,7 +331,7 @@ def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, c
     # the reported accuracy is the checkpoint's on the 8 test images, recomputed here by hand
     data = mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2)
     test = mpkd.load_part(data, "test", torch.device("cpu"))
-    expected = mpkd.accuracy(mpkd.predict(mpkd.load_model(ckpt, out), test["images"], False), test["labels"])
+    expected = mpkd.accuracy(mpkd.predict(mpkd.load_model(ckpt, out), test["images"], "fp32"), test["labels"])
     assert rows[1]["accuracy"] == pytest.approx(expected)
     assert rows[1]["size_mb"] == mpkd.count_params(mpkd.load_model(ckpt, out)) * 4 / 1e6
     assert f"{expected:.2f}" in printed and f"{rows[1]['size_mb']:.3f}" in printed
@@ -494,7 +494,7 @@ def test_images_tta_averages_the_logits_of_both_views(student, data_dir, tmp_pat
     ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
     model = mpkd.load_model(ckpt, student)
     image = mpkd.load_images(folder, ["tile.png"], 32)
-    logits = (mpkd.predict(model, image, False) + mpkd.predict(model, image.flip(3), False)) / 2
+    logits = (mpkd.predict(model, image, "fp32") + mpkd.predict(model, image.flip(3), "fp32")) / 2
     probs = torch.softmax(logits, 1)[0].tolist()
     assert [float(row[f"p_{c}"]) for c in ckpt["identity"]["classes"]] == pytest.approx(probs, abs=1e-6)
 
@@ -1309,6 +1309,11 @@ def test_fewer_epochs_than_save_every_stores_the_last_and_tiny_data_is_explained
     err = capsys.readouterr().err
     assert "--save-every 5 is more than --epochs 2" in err
     assert err.count("batch(es) per epoch") == 1 and "--batch-size" in err  # said once, with what to change
+    # 24 training images make no 16 batches of 2; the lab (115 training images) gets the flag
+    assert "24 images cannot make 16 batches" in err
+    note = mpkd.few_batches_note(115, 16)
+    assert "only 8 batch(es)" in note and "--batch-size 7 gives 17 batches per epoch here" in note
+    assert mpkd.batches_per_epoch(115, 7) == 17 and mpkd.few_batches_note(256, 16) is None
 
 
 def test_data_that_cannot_fit_is_refused_with_the_numbers(data_dir, tmp_path, monkeypatch):
@@ -1329,14 +1334,14 @@ def test_teacher_stores_validation_logits_of_every_stored_epoch(trained, data_di
     val = mpkd.load_part(data, "val", torch.device("cpu"))
     model = mpkd.load_model(mpkd.load_file(trained / "teacher.pt", mpkd.CHECKPOINT_FORMAT), "teacher.pt")
     assert stored["val_logits"][3].shape == (8, 4)
-    assert torch.allclose(stored["val_logits"][3], mpkd.predict(model, val["images"], False), atol=1e-5)
+    assert torch.allclose(stored["val_logits"][3], mpkd.predict(model, val["images"], "fp32"), atol=1e-5)
 
 
 def test_route_in_the_log_equals_a_direct_computation(trained, student, data_dir):
     ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
     teacher = mpkd.load_file(trained / "teacher_logits.pt", mpkd.LOGITS_FORMAT)["val_logits"]
     val = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "val", torch.device("cpu"))
-    s = mpkd.predict(mpkd.load_model(ckpt, student), val["images"], False)  # the final student, eval mode
+    s = mpkd.predict(mpkd.load_model(ckpt, student), val["images"], "fp32")  # the final student, eval mode
     logged = ckpt["history"][-1]["route"]
     assert [d["teacher_epoch"] for d in logged] == [1, 2, 3]
     for d in logged:
@@ -1441,9 +1446,28 @@ def test_exported_onnx_is_one_file_with_its_contract_and_agrees_with_pytorch(exp
     assert json.loads(meta["identity"]) == ckpt["identity"] and meta["checkpoint"] == str(ckpt_path)
     test = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "test", torch.device("cpu"))
     probs = session.run(["probabilities"], {"images": test["images"].permute(0, 2, 3, 1).numpy()})[0]
-    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, ckpt_path), test["images"], False), 1).numpy()
+    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, ckpt_path), test["images"], "fp32"), 1).numpy()
     assert np.abs(probs - expected).max() < evaluate.ONNX_TOLERANCE
     assert (probs.argmax(1) == expected.argmax(1)).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "cv2"])
+def test_the_exported_student_agrees_in_openvino_and_opencv(exported, student, data_dir, runtime):
+    lib = pytest.importorskip(runtime)
+    path = str(exported / "student.onnx")
+    test = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "test", torch.device("cpu"))
+    tiles = test["images"].permute(0, 2, 3, 1).contiguous().numpy()  # uint8 (N, S, S, 3), as the file takes
+    if runtime == "openvino":  # the lines of docs/deploy.md: f32 asked for (bf16 is its default on some CPUs)
+        model = lib.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        probs = model(tiles)[model.output("probabilities")]
+    else:  # OpenCV DNN, outputs fetched by name (getUnconnectedOutLayersNames has its own order)
+        net = lib.dnn.readNetFromONNX(path)
+        net.setInput(tiles)
+        probs = net.forward("probabilities")
+    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
+    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, student), test["images"], "fp32"), 1).numpy()
+    assert probs.shape == expected.shape and np.abs(probs - expected).max() < evaluate.ONNX_TOLERANCE
+    assert (probs.argmax(1) == expected.argmax(1)).all()
 
 
 def test_a_disagreeing_export_is_an_error_and_writes_nothing(student, data_dir, tmp_path, monkeypatch):
@@ -1485,8 +1509,12 @@ def test_merged_mixed_convs_compute_what_the_network_computes(name):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     strides = [torch.nn.Conv2d(4, 4, k, stride, k // 2, groups=4, bias=False) for k, stride in ((3, 1), (5, 2))]
     assert evaluate._one_conv(strides) is None  # different strides: no single convolution computes both
-    unequal = [torch.nn.Conv2d(c, 6, 1, bias=False) for c in (3, 5)]
-    assert evaluate._one_conv(unequal) is None  # pointwise groups of 3 and 5 channels: not one grouped conv
+    unequal = [torch.nn.Conv2d(c, o, 1, bias=False) for c, o in ((3, 6), (5, 2))]  # pointwise parts
+    dense, x = evaluate._one_conv(unequal), torch.randn(2, 8, 5, 5)
+    assert (dense.kernel_size, dense.groups) == ((1, 1), 1)  # one dense 1x1 conv, block-diagonal weight
+    assert torch.equal(dense.weight[:6, 3:], torch.zeros(6, 5, 1, 1)) and torch.equal(dense.weight[6:, :3], torch.zeros(2, 3, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(dense(x), torch.cat([unequal[0](x[:, :3]), unequal[1](x[:, 3:])], 1), atol=1e-6)
     depthwise = evaluate._one_conv([torch.nn.Conv2d(2, 2, k, 1, k // 2, groups=2, bias=False) for k in (3, 5)])
     assert (depthwise.kernel_size, depthwise.groups, depthwise.padding) == ((5, 5), 4, (2, 2))
 
