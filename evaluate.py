@@ -558,7 +558,8 @@ def plot_table2(plt, rows, summary, path) -> None:
         else:
             lo, hi = next(r for r in rows if (r["method"], r["network"]) == (s["method"], s["network"]))[
                 "accuracy_ci95"]
-        ax.errorbar(x + 0.28, s["accuracy_mean"], yerr=[[s["accuracy_mean"] - lo], [hi - s["accuracy_mean"]]],
+        below, above = max(0.0, s["accuracy_mean"] - lo), max(0.0, hi - s["accuracy_mean"])  # 100%: rounding
+        ax.errorbar(x + 0.28, s["accuracy_mean"], yerr=[[below], [above]],
                     fmt="D", color=colour, capsize=4, ms=6, zorder=4)
     ax.set_xticks(range(len(summary)), [f"{s['method']}\n{s['network']} (n={s['n']})" for s in summary],
                   fontsize=8)
@@ -768,6 +769,26 @@ def merge_mixed_convs(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class GlobalMean(torch.nn.Module):
+    """Global average pooling as one mean over height and width, (N, C, H, W) -> (N, C): what timm's
+    average pool computes. torch.export writes AdaptiveAvgPool2d(1) as a mean and an as_strided
+    whose index arithmetic mixes integer types, which OpenCV 4 refuses to load; this is a ReduceMean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+def for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` that every runtime computes right and ONNX Runtime runs fast: MixNet's mixed
+    convolutions merged (merge_mixed_convs) and timm's average pool written as GlobalMean."""
+    model = merge_mixed_convs(model)
+    pool = getattr(model, "global_pool", None)
+    if (type(pool).__name__ == "SelectAdaptivePool2d" and pool.pool_type == "avg"
+            and isinstance(pool.flatten, torch.nn.Flatten)):
+        model.global_pool = GlobalMean()
+    return model
+
+
 def _onnx_bytes(wrapper: torch.nn.Module, size: int) -> bytes:
     """Export `wrapper` with a dynamic batch dimension and its weights embedded (one file)."""
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
@@ -794,7 +815,7 @@ def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> di
     onnx, ort = import_onnx()
     size = ckpt["identity"]["img_size"]
     wrapper = Deployable(model.to("cpu", memory_format=torch.contiguous_format).float()).eval()
-    proto = onnx.load_from_string(_onnx_bytes(Deployable(merge_mixed_convs(wrapper.model)).eval(), size))
+    proto = onnx.load_from_string(_onnx_bytes(Deployable(for_export(wrapper.model)).eval(), size))
     meta = {"mpkd_format": ONNX_FORMAT, "classes": json.dumps(ckpt["identity"]["classes"]),
             "img_size": str(size), "input": f"images: uint8 RGB tiles (N, {size}, {size}, 3)",
             "outputs": "probabilities (N, C) float32 (softmax inside); logits (N, C)",
