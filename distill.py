@@ -73,6 +73,9 @@ def get_args(argv=None):
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="ImageNet weights to start from instead of timm's download: a state dict "
                         "(.pt/.pth/.bin) or .safetensors of the same network, 1000-class head")
+    p.add_argument("--mpp", type=float, default=mpkd.DEFAULT_MPP,
+                   help="microns per pixel of the training tiles (Kather 2016: 0.495; NCT-CRC-HE-100K: "
+                        "0.5), recorded with the tiles' size for tissue maps")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
@@ -207,6 +210,7 @@ def main(args):
                    teacher_logits_for=teacher_logits_for if anchors else None,
                    after_epoch=after_epoch, say=print, extra=start)
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
+    checkpoint["tile"] = mpkd.tile_record(data, args.mpp)  # the field of view, for tissue maps
     if anchors:  # the stored teacher epoch each student epoch followed, as chosen or scheduled
         checkpoint["schedule"] = [r["teacher_epoch"] for r in run["history"]]
     mpkd.save_atomic(checkpoint, args.out)

@@ -22,14 +22,16 @@ import io
 import itertools
 import json
 import math
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import mpkd
 
@@ -65,6 +67,22 @@ def get_args(argv=None):
                    help="predict every image under DIR (no labels needed) with one checkpoint")
     p.add_argument("--tta", action="store_true",
                    help="with --images: average the logits of each tile and its mirror")
+    p.add_argument("--map", default=None, metavar="IMAGE_OR_FOLDER",
+                   help="tissue map of a large image or whole slide (or of every one in a folder) with "
+                        "one model: PNG map and overlay, tiles CSV, QuPath GeoJSON, summary JSON")
+    p.add_argument("--out-dir", default="maps", help="--map: folder of the outputs")
+    p.add_argument("--stride", type=float, default=None, metavar="UM",
+                   help="--map: step between windows in micrometres (unset: the window, no overlap; "
+                        "Kather 2016 used a third of it); overlapping windows are averaged per cell")
+    p.add_argument("--image-mpp", type=float, default=None,
+                   help="--map: microns per pixel of the images, where their metadata has none")
+    p.add_argument("--tile-um", type=float, default=None,
+                   help="--map: the training tiles' width in micrometres (unset: as the model records it)")
+    p.add_argument("--no-mask", action="store_true",
+                   help="--map: classify every window, background too (else only tissue windows)")
+    p.add_argument("--overwrite", action="store_true", help="--map: redo images that are done")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="--map: only every N-th image from the K-th (0-based), for cluster array jobs")
     p.add_argument("--benchmark", action="store_true",
                    help="measure batch-1 latency and large-batch throughput (with --export: of the "
                         "ONNX file in ONNX Runtime too)")
@@ -620,16 +638,22 @@ def write_plots(plt, rows, summary, folder) -> list[Path]:
 # Predictions on new tiles (--images): no labels, the checkpoint's own preprocessing
 
 
-def folder_predictor(path, args, device):
-    """(classes, image size, logits of uint8 (N, 3, S, S) CPU images) for a checkpoint or an ONNX
-    file written by --export, so that a lab checks the deployed file with the same command."""
+def load_predictor(path, args, device) -> dict:
+    """What --images and --map classify with, from a checkpoint or an ONNX file written by --export
+    (so that a lab checks the deployed file with the same command): classes, image size, the
+    training tiles' field of view in micrometres (None where not recorded), identity, and
+    `logits`, a function of uint8 (N, 3, S, S) CPU images returning (N, C) CPU logits."""
     if str(path).endswith(".onnx"):
         session, meta = open_onnx(path)
-        return json.loads(meta["classes"]), int(meta["img_size"]), lambda x: onnx_logits(session, x)
+        return {"classes": json.loads(meta["classes"]), "size": int(meta["img_size"]),
+                "tile_um": float(meta["tile_um"]) if meta.get("tile_um") else None,
+                "identity": json.loads(meta["identity"]), "logits": lambda x: onnx_logits(session, x)}
     ckpt = load_checkpoint(path)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
-    return (ckpt["identity"]["classes"], ckpt["identity"]["img_size"],
-            lambda x: mpkd.predict(model, x.to(device), mpkd.pick_precision(device, args.amp)).cpu())
+    precision = mpkd.pick_precision(device, args.amp)
+    return {"classes": ckpt["identity"]["classes"], "size": ckpt["identity"]["img_size"],
+            "tile_um": ckpt.get("tile", {}).get("um"), "identity": ckpt["identity"],
+            "logits": lambda x: mpkd.predict(model, x.to(device), precision).cpu()}
 
 
 def predict_folder(args, device) -> dict:
@@ -644,7 +668,8 @@ def predict_folder(args, device) -> dict:
     if not files:
         raise mpkd.UserError(f"--images {folder} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)}; "
                              f"hidden files are ignored)")
-    classes, size, logits_of = folder_predictor(args.checkpoints[0], args, device)
+    predictor = load_predictor(args.checkpoints[0], args, device)
+    classes, size, logits_of = predictor["classes"], predictor["size"], predictor["logits"]
     results, bad = [], {}
     for first in range(0, len(files), IMAGES_CHUNK):
         chunk = files[first:first + IMAGES_CHUNK]
@@ -688,6 +713,274 @@ def images_report(pred, out) -> list[str]:
         lines += ["", f"{len(pred['bad'])} unreadable (listed in {out} with the reason): "
                       + "; ".join(f"{f} ({why})" for f, why in list(pred["bad"].items())[:10])
                       + (" ..." if len(pred["bad"]) > 10 else "")]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Tissue maps (--map): a large image or a whole slide, window by window (openslide imported only
+# for slide formats); the pure arithmetic lives in mpkd's tissue-map section
+
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+MAP_BATCH = 256  # windows read and classified at a time; reading runs one batch ahead
+THUMBNAIL = 2048  # longest side of the thumbnail the tissue mask and the overlay are made from
+
+
+def import_openslide():
+    """openslide, or a one-line error saying how to get it."""
+    try:
+        import openslide
+    except (ImportError, OSError):  # OSError: the Python package without its library
+        raise mpkd.UserError("whole-slide images need the optional packages: "
+                             "pip install openslide-python openslide-bin") from None
+    return openslide
+
+
+class PlainImage:
+    """A large image PIL can hold whole (TIFF, PNG, JPEG; Kather 2016's 5000 x 5000 px images are 75
+    MB as RGB): one level, microns per pixel from TIFF resolution tags in cm or inch (PNG and JPEG
+    carry none that can be trusted: their dpi are screen values)."""
+
+    def __init__(self, path: Path):
+        with Image.open(path) as img:
+            self.image = img.convert("RGB")  # decoded once, before the reading threads start
+            tags = getattr(img, "tag_v2", {})
+        unit, resolution = tags.get(296), tags.get(282)  # ResolutionUnit, XResolution (pixels per unit)
+        per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # micrometres per inch, per centimetre
+        self.mpp = per_unit / float(resolution) if per_unit and resolution and float(resolution) > 0 else None
+        self.dimensions, self.downsamples = [self.image.size], [1.0]
+
+    def read(self, x: int, y: int, level: int, size: int) -> Image.Image:
+        return self.image.crop((x, y, x + size, y + size))
+
+    def thumbnail(self, side: int) -> Image.Image:
+        thumb = self.image.copy()
+        thumb.thumbnail((side, side), Image.BILINEAR)
+        return thumb
+
+
+class Slide:
+    """A whole-slide image through OpenSlide (SVS, NDPI, MRXS, pyramidal generic TIFF, ...): its
+    pyramid levels and microns per pixel from its metadata; OpenSlide reads regions thread-safely."""
+
+    def __init__(self, path: Path, openslide):
+        self.slide = openslide.OpenSlide(str(path))
+        mpp = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        self.mpp = float(mpp) if mpp else None
+        self.dimensions, self.downsamples = self.slide.level_dimensions, self.slide.level_downsamples
+
+    def read(self, x: int, y: int, level: int, size: int) -> Image.Image:
+        region = self.slide.read_region((x, y), level, (size, size))  # (x, y) in level-0 pixels, RGBA
+        white = Image.new("RGB", region.size, (255, 255, 255))
+        white.paste(region, mask=region.getchannel("A"))  # outside the scanned area: glass, not black
+        return white
+
+    def thumbnail(self, side: int) -> Image.Image:
+        return self.slide.get_thumbnail((side, side)).convert("RGB")
+
+
+def open_map_image(path: Path):
+    """A Slide for slide formats and for TIFFs OpenSlide recognises (tiled, pyramidal), else a
+    PlainImage."""
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_SUFFIXES:
+        return Slide(path, import_openslide())
+    if suffix in (".tif", ".tiff"):
+        try:
+            openslide = import_openslide()
+        except mpkd.UserError:
+            openslide = None  # a plain TIFF needs no OpenSlide
+        if openslide is not None and openslide.OpenSlide.detect_format(str(path)):
+            return Slide(path, openslide)
+    return PlainImage(path)
+
+
+def map_inputs(target: Path) -> list[Path]:
+    """The images --map works on: the file, or every image in the folder (any nesting), sorted."""
+    suffixes = mpkd.IMAGE_SUFFIXES + SLIDE_SUFFIXES
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise mpkd.UserError(f"--map {target} does not exist")
+    found = sorted(p for p in target.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                   and not mpkd.ignored(p.relative_to(target)))
+    if not found:
+        raise mpkd.UserError(f"--map {target} holds no images ({' '.join(suffixes)})")
+    return found
+
+
+def window_batches(reader, origins: np.ndarray, level: int, read_px: int, size: int, pool):
+    """uint8 (n, 3, S, S) batches of the windows at `origins`, read at `level` and resized as in
+    training; the next batch is read by `pool`'s threads while the caller classifies this one."""
+    def read(xy):
+        return mpkd.model_input(reader.read(int(xy[0]), int(xy[1]), level, read_px), size)
+
+    starts = range(0, len(origins), MAP_BATCH)
+    pending = [pool.map(read, origins[s:s + MAP_BATCH]) for s in starts[:2]]
+    for i in range(len(starts)):
+        batch = torch.from_numpy(np.stack(list(pending[i])))
+        if i + 2 < len(starts):
+            pending.append(pool.map(read, origins[starts[i + 2]:starts[i + 2] + MAP_BATCH]))
+        pending[i] = None  # its windows are in `batch` now
+        yield batch
+
+
+def classify_windows(path: Path, predictor: dict, args, say) -> dict:
+    """Read and classify every tissue window of one image: the plan (level, window, stride, mask)
+    and per classified window its level-0 origin and class probabilities."""
+    reader = open_map_image(path)
+    mpp = args.image_mpp or reader.mpp
+    if not mpp:
+        raise mpkd.UserError(f"{path.name} records no microns per pixel: pass --image-mpp (e.g. 0.25 "
+                             f"for a 40x scan, 0.5 for 20x)")
+    tile_um = args.tile_um or predictor["tile_um"]
+    window, stride = round(tile_um / mpp), round((args.stride or tile_um) / mpp)
+    if stride < 1 or stride > window:
+        raise mpkd.UserError(f"--stride {args.stride} must be between {mpp:.3g} um and the window, {tile_um:.4g} um")
+    level = mpkd.pick_level(list(reader.downsamples), mpp, tile_um / predictor["size"])
+    read_px = max(1, round(window / reader.downsamples[level]))
+    width, height = reader.dimensions[0]
+    origins = mpkd.window_origins(width, height, window, stride)
+    thumb = np.asarray(reader.thumbnail(THUMBNAIL))
+    mask, threshold = mpkd.tissue_mask(thumb)
+    share = mpkd.tissue_share(mask, thumb.shape[1] / width, origins, window)
+    todo = origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE]
+    probs, start, last = [], time.perf_counter(), time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for batch in window_batches(reader, todo, level, read_px, predictor["size"], pool):
+            probs.append(torch.softmax(predictor["logits"](batch).float(), 1).numpy())
+            done, now = sum(len(p) for p in probs), time.perf_counter()
+            if now - last > 5 and done < len(todo):
+                rate = done / (now - start)
+                say(f"  {path.name}: {done} / {len(todo)} windows, {rate:.0f} windows/s, "
+                    f"ETA {(len(todo) - done) / rate:.0f} s")
+                last = now
+    seconds = time.perf_counter() - start
+    return {"reader": reader, "thumbnail": thumb, "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
+            else "metadata", "level": level, "window": window, "stride": stride, "read_px": read_px,
+            "tile_um": tile_um, "origins": todo, "n_windows": len(origins), "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()),
+            "threshold": threshold,
+            "probs": np.concatenate(probs) if probs else np.zeros((0, len(predictor["classes"])), np.float32),
+            "seconds": seconds, "size": (width, height)}
+
+
+def cell_map(plan: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean class probabilities per cell (R, K, C) and the class of each cell (R, K), -1 where no
+    window was classified."""
+    rows, cols = mpkd.cell_grid(*plan["size"], plan["stride"])
+    sums, counts = np.zeros((rows, cols, len(classes)), np.float32), np.zeros((rows, cols), np.int32)
+    mpkd.accumulate(sums, counts, mpkd.window_cells(plan["origins"], plan["window"], plan["stride"]), plan["probs"])
+    mean = sums / np.maximum(counts, 1)[..., None]
+    return mean, np.where(counts > 0, mean.argmax(-1), -1)
+
+
+def map_picture(cells: np.ndarray, classes: list[str], title: str) -> Image.Image:
+    """The map at cell resolution, enlarged to a readable size, with a legend of class colours."""
+    rows, cols = cells.shape
+    palette = np.array([mpkd.class_colour(c) for c in classes] + [(245, 245, 245)], np.uint8)
+    grid = Image.fromarray(palette[cells])  # -1: the last colour, not classified
+    k = max(1, min(24, 1000 // max(rows, cols)))
+    grid = grid.resize((cols * k, rows * k), Image.NEAREST)
+    legend_w = 230
+    out = Image.new("RGB", (grid.width + legend_w, max(grid.height, 30 + 22 * (len(classes) + 1)) + 30), "white")
+    out.paste(grid, (0, 30))
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 8), title, fill="black")
+    for i, name in enumerate([*classes, "not classified"]):
+        y = 34 + 22 * i
+        draw.rectangle((grid.width + 12, y, grid.width + 30, y + 16), fill=tuple(int(v) for v in palette[i if i < len(classes) else -1]),
+                       outline="black")
+        draw.text((grid.width + 38, y + 2), name, fill="black")
+    return out
+
+
+def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.Image:
+    """The thumbnail beside the thumbnail with the map laid over it (classified cells only)."""
+    thumb = Image.fromarray(plan["thumbnail"])
+    scale = thumb.width / plan["size"][0]
+    rows, cols = cells.shape
+    palette = np.array([mpkd.class_colour(c) + (150,) for c in classes] + [(0, 0, 0, 0)], np.uint8)
+    side = plan["stride"] * scale  # a cell on the thumbnail
+    layer = Image.fromarray(palette[cells]).resize((max(1, round(cols * side)), max(1, round(rows * side))), Image.NEAREST)
+    over = thumb.convert("RGBA")
+    over.alpha_composite(layer.crop((0, 0, thumb.width, thumb.height)))
+    out = Image.new("RGB", (thumb.width * 2 + 10, thumb.height), "white")
+    out.paste(thumb, (0, 0))
+    out.paste(over.convert("RGB"), (thumb.width + 10, 0))
+    return out
+
+
+def write_map(path: Path, plan: dict, predictor: dict, model_path: str, out_dir: Path) -> dict:
+    """The five outputs of one image; the summary last, so that a complete summary means done."""
+    classes, name = predictor["classes"], path.stem
+    mean, cells = cell_map(plan, classes)
+    classified = cells >= 0
+    fractions = {c: float((cells == i).sum() / max(classified.sum(), 1)) for i, c in enumerate(classes)}
+    buffer = io.BytesIO()
+    map_picture(cells, classes, f"{path.name}: {classified.sum()} of {cells.size} cells classified").save(buffer, "PNG")
+    mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_map.png")
+    buffer = io.BytesIO()
+    overlay_picture(plan, cells, classes).save(buffer, "PNG")
+    mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_overlay.png")
+    w, best = plan["window"], plan["probs"].argmax(1) if len(plan["probs"]) else np.zeros(0, int)
+    write_csv(["x", "y", "size", "class", "probability", *(f"p_{c}" for c in classes)],
+              [[int(x), int(y), w, classes[b], float(p[b]), *map(float, p)]
+               for (x, y), b, p in zip(plan["origins"], best, plan["probs"])], out_dir / f"{name}_tiles.csv")
+    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+                    [[int(x), int(y)], [int(x) + w, int(y)], [int(x) + w, int(y) + w], [int(x), int(y) + w], [int(x), int(y)]]]},
+                 "properties": {"objectType": "tile", "classification": {"name": classes[b], "color": list(mpkd.class_colour(classes[b]))},
+                                "measurements": {"probability": float(p[b])}}}
+                for (x, y), b, p in zip(plan["origins"], best, plan["probs"])]
+    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}), out_dir / f"{name}.geojson")
+    summary = {"image": str(path), "size_px": list(plan["size"]), "mpp": plan["mpp"], "mpp_from": plan["mpp_from"],
+               "level": plan["level"], "level_mpp": plan["mpp"] * plan["reader"].downsamples[plan["level"]],
+               "window": {"um": plan["tile_um"], "level0_px": w, "read_px": plan["read_px"]},
+               "stride": {"um": plan["stride"] * plan["mpp"], "level0_px": plan["stride"]},
+               "windows": {"total": plan["n_windows"], "tissue": plan["n_tissue"], "classified": len(plan["origins"])},
+               "tissue_threshold": plan["threshold"], "cells": {"rows": cells.shape[0], "columns": cells.shape[1],
+               "classified": int(classified.sum())}, "class_fractions": fractions,
+               "model": {"path": str(model_path), "identity": predictor["identity"]},
+               "seconds": plan["seconds"], "windows_per_s": len(plan["origins"]) / max(plan["seconds"], 1e-9),
+               "complete": True}
+    mpkd.write_text_atomic(json.dumps(summary, indent=1), out_dir / f"{name}_summary.json")
+    return summary
+
+
+def map_images(args, device) -> list[str]:
+    """--map: every image of the file or folder (of this --shard), each into its five outputs;
+    an image whose complete summary exists is skipped, an unreadable one is named and the rest go on."""
+    if len(args.checkpoints) != 1:
+        raise mpkd.UserError(f"--map classifies with one model, {len(args.checkpoints)} given")
+    images = map_inputs(Path(args.map))
+    images = mpkd.shard(images, args.shard) if args.shard else images
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mpkd.check_writable(out_dir / "x_summary.json")
+    predictor = load_predictor(args.checkpoints[0], args, device)
+    if not (args.tile_um or predictor["tile_um"]):
+        raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size (made before --mpp): "
+                             f"pass --tile-um, the tiles' width in micrometres (Kather 2016: 150 px x 0.495 = 74.25)")
+    lines, failed = [], {}
+    for path in images:
+        done = out_dir / f"{path.stem}_summary.json"
+        if done.exists() and not args.overwrite and json.loads(done.read_text()).get("complete"):
+            lines.append(f"{path.name}: done before ({done}); --overwrite redoes it")
+            print(lines[-1], flush=True)
+            continue
+        try:
+            summary = write_map(path, classify_windows(path, predictor, args, print), predictor,
+                                args.checkpoints[0], out_dir)
+        except (mpkd.UserError, OSError, ValueError, Image.DecompressionBombError) as err:
+            failed[path.name] = str(err) or type(err).__name__
+            print(f"{path.name}: failed ({failed[path.name]})", flush=True)
+            continue
+        top = sorted(summary["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"{path.name}: {summary['windows']['classified']} of {summary['windows']['total']} windows "
+                     f"classified in {summary['seconds']:.1f} s ({summary['windows_per_s']:.0f}/s); "
+                     + ", ".join(f"{c} {f:.0%}" for c, f in top))
+        print(lines[-1], flush=True)
+    if failed:
+        raise mpkd.UserError(f"{len(failed)} of {len(images)} images failed: "
+                             + "; ".join(f"{n} ({why})" for n, why in list(failed.items())[:5]))
     return lines
 
 
@@ -820,7 +1113,8 @@ def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> di
             "img_size": str(size), "input": f"images: uint8 RGB tiles (N, {size}, {size}, 3)",
             "outputs": "probabilities (N, C) float32 (softmax inside); logits (N, C)",
             "method": ckpt["method"], "network": ckpt["model"], "checkpoint": str(path),
-            "checkpoint_sha256": mpkd.file_fingerprint(path), "identity": json.dumps(ckpt["identity"])}
+            "checkpoint_sha256": mpkd.file_fingerprint(path), "identity": json.dumps(ckpt["identity"]),
+            "tile_um": str(ckpt.get("tile", {}).get("um", ""))}  # the field of view, for --map
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     blob = proto.SerializeToString()
@@ -910,6 +1204,9 @@ def export_lines(network: str, exported) -> list[str]:
 
 def main(args):
     device = mpkd.pick_device(args.device)
+    if args.map:
+        map_images(args, device)
+        return None
     if args.images:
         out = args.predictions or f"{Path(args.images).resolve().name}_predictions.csv"
         mpkd.check_writable(out)

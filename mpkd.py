@@ -335,6 +335,15 @@ def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes
 
 
+def model_input(img: Image.Image, size: int) -> np.ndarray:
+    """An image as the network sees it, uint8 (3, size, size): RGB, resized with PIL bilinear (which
+    antialiases when shrinking). Training tiles and tissue-map windows both pass through here."""
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img).transpose(2, 0, 1)
+
+
 def _decode_into(job: tuple) -> list[tuple[str, str]]:
     """Decode files into `out` (a (n, 3, size, size) uint8 tensor, shared with the parent process
     when this runs in a worker); returns the files that failed, with the reason (rows stay zero)."""
@@ -344,10 +353,7 @@ def _decode_into(job: tuple) -> list[tuple[str, str]]:
     for i, name in enumerate(files):
         try:
             with Image.open(Path(root) / name) as img:
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking
-                rows[i] = np.asarray(img).transpose(2, 0, 1)  # (3, H, W)
+                rows[i] = model_input(img, size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             bad.append((name, str(err) or type(err).__name__))
     return bad
@@ -1142,6 +1148,136 @@ def kd_method(distill_weight: float, anchors: list[int], auto: bool = False) -> 
     if auto:
         return "Multi-Part KD, auto anchors"
     return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tissue maps: a model trained on tiles of a known size in micrometres, applied to a large image or
+# a whole slide window by window. Level-0 pixels are the image's own; the map lives at cell
+# resolution (one cell per stride), never at the image's.
+
+DEFAULT_MPP = 0.495  # micrometres per pixel of Kather 2016's tiles (20x); NCT-CRC-HE-100K: 0.5
+TISSUE_SATURATION = (15, 38)  # Otsu's threshold on saturation (0-255) is clipped into this range
+MIN_TISSUE = 0.5  # a window is classified when at least this share of its thumbnail pixels is tissue
+
+
+def tile_record(data: dict, mpp: float, sample: int = 64) -> dict:
+    """The training tiles' size as a model records it: the most common width in pixels of (up to
+    `sample` of) the data's images, their microns per pixel, and so the field of view in
+    micrometres that a tissue map must show the model."""
+    sizes = []
+    for name in data["files"][::max(1, len(data["files"]) // sample)][:sample]:
+        with Image.open(Path(data["root"]) / name) as img:
+            sizes.append(img.size[0])
+    px = max(set(sizes), key=sizes.count)
+    return {"px": px, "mpp": mpp, "um": px * mpp}
+
+
+def pick_level(downsamples: list[float], image_mpp: float, want_mpp: float) -> int:
+    """The pyramid level to read windows from: the coarsest whose resolution is still at least the
+    one needed (microns per pixel at most `want_mpp`, 1% slack for rounded metadata); level 0 when
+    even it is coarser than needed."""
+    fine_enough = [i for i, d in enumerate(downsamples) if image_mpp * d <= want_mpp * 1.01]
+    return max(fine_enough, key=lambda i: downsamples[i]) if fine_enough else 0
+
+
+def window_origins(width: int, height: int, window: int, stride: int) -> np.ndarray:
+    """Level-0 (x, y) of every whole window on a grid of `stride` from (0, 0): (n, 2), row by row.
+    Windows are not shifted to fit the edges (a shifted window would put its classes in the wrong
+    cells); the strip an edge leaves is not classified."""
+    xs, ys = np.arange(0, width - window + 1, stride), np.arange(0, height - window + 1, stride)
+    return np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.int64)
+
+
+def cell_grid(width: int, height: int, stride: int) -> tuple[int, int]:
+    """(rows, columns) of the map: one cell per `stride` level-0 pixels, the last one partial."""
+    return -(-height // stride), -(-width // stride)
+
+
+def window_cells(origins: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """For each window, the cells whose centre lies inside it: (n, 4) = row0, row1, col0, col1
+    (end exclusive). With stride = window each window is one cell; with a third, 3 x 3 cells."""
+    first = origins // stride  # the grid starts at 0, so a window starts on a cell edge
+    span = -(-(window - stride // 2) // stride) if window > stride // 2 else 1  # centres inside
+    return np.stack([first[:, 1], first[:, 1] + span, first[:, 0], first[:, 0] + span], 1)
+
+
+def accumulate(sums: np.ndarray, counts: np.ndarray, cells: np.ndarray, probs: np.ndarray) -> None:
+    """Add each window's class probabilities (n, C) to the cells it covers: `sums` (R, K, C) and
+    `counts` (R, K) in place; a cell's probabilities are then sums / counts, the mean over the
+    windows that cover it."""
+    for (r0, r1, c0, c1), p in zip(cells, probs):
+        sums[r0:r1, c0:c1] += p
+        counts[r0:r1, c0:c1] += 1
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of uint8 values: the t that maximises the between-class variance of
+    values <= t and > t."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    weight = np.cumsum(hist)  # pixels at or below t
+    mass = np.cumsum(hist * np.arange(256))
+    total, total_mass = weight[-1], mass[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mass * weight - total * mass) ** 2 / (weight * (total - weight))
+    return int(np.nanargmax(np.where(np.isfinite(between), between, np.nan))) if total else 0
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (0-255) of uint8 RGB pixels (..., 3): glass is white or grey, stained tissue is not."""
+    high, low = rgb.max(-1).astype(np.int32), rgb.min(-1).astype(np.int32)
+    return np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)
+
+
+def tissue_mask(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
+    """Tissue pixels of an RGB thumbnail (H, W, 3) and the saturation threshold used: Otsu's,
+    clipped into TISSUE_SATURATION so that an image that is all tissue (or all glass) is not
+    split in two."""
+    sat = saturation(thumbnail)
+    threshold = int(np.clip(otsu_threshold(sat), *TISSUE_SATURATION))
+    return sat > threshold, threshold
+
+
+def tissue_share(mask: np.ndarray, scale: float, origins: np.ndarray, window: int) -> np.ndarray:
+    """The share of tissue pixels in each window's footprint on the thumbnail mask (thumbnail pixels
+    per level-0 pixel: `scale`): (n,) in [0, 1]."""
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = mask.shape
+    x0 = np.clip((origins[:, 0] * scale).astype(np.int64), 0, w - 1)
+    y0 = np.clip((origins[:, 1] * scale).astype(np.int64), 0, h - 1)
+    x1 = np.clip(np.ceil((origins[:, 0] + window) * scale).astype(np.int64), x0 + 1, w)
+    y1 = np.clip(np.ceil((origins[:, 1] + window) * scale).astype(np.int64), y0 + 1, h)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return inside / ((x1 - x0) * (y1 - y0))
+
+
+CLASS_COLOURS = {  # fixed per class name (Kather 2016's and NCT-CRC-HE-100K's), so maps compare
+    "TUMOR": (200, 30, 45), "TUM": (200, 30, 45), "STROMA": (255, 150, 200), "STR": (255, 150, 200),
+    "COMPLEX": (150, 70, 170), "MUS": (150, 70, 170), "LYMPHO": (40, 70, 200), "LYM": (40, 70, 200),
+    "DEBRIS": (130, 90, 40), "DEB": (130, 90, 40), "MUCOSA": (60, 170, 70), "NORM": (60, 170, 70),
+    "MUC": (120, 210, 210), "ADIPOSE": (250, 220, 60), "ADI": (250, 220, 60),
+    "EMPTY": (225, 225, 225), "BACK": (225, 225, 225),
+}
+
+
+def class_colour(name: str) -> tuple[int, int, int]:
+    """The RGB colour of a class on every map: fixed for Kather's and NCT's names (a folder's
+    '01_' prefix and case ignored), else derived from the name, so the same name always gets the
+    same colour."""
+    key = re.sub(r"^\d+_", "", name).upper()
+    if key in CLASS_COLOURS:
+        return CLASS_COLOURS[key]
+    digest = hashlib.sha256(key.encode()).digest()
+    return (64 + digest[0] % 160, 64 + digest[1] % 160, 64 + digest[2] % 160)
+
+
+def shard(items: list, spec: str) -> list:
+    """Every N-th item from K, for --shard K/N (0 <= K < N): N jobs of a cluster array cover every
+    item exactly once, with no scheduler of their own."""
+    match = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise UserError(f"--shard {spec} must be K/N with 0 <= K < N, e.g. 0/4")
+    k, n = int(match.group(1)), int(match.group(2))
+    return items[k::n]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1562,3 +1562,174 @@ def test_export_without_the_onnx_packages_is_one_clear_line(student, data_dir, t
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(mpkd.UserError, match="pip install onnx onnxscript onnxruntime"):
         evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--export", str(tmp_path / "s.onnx")]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tissue maps
+
+
+def _standin_tile(c, size, rng, noise=20):
+    """A tile of stand-in class c, as make_standin draws them; c = -1 is glass (background)."""
+    colour = (np.array([245, 245, 245]) if c < 0 else
+              np.array([(c * 70) % 256, (c * 150 + 40) % 256, (255 - c * 60) % 256]))
+    return np.clip(colour + rng.normal(0, 3 if c < 0 else noise, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def _layout_pixels(layout, tile, seed=1, noise=5):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.concatenate([_standin_tile(c, tile, rng, noise) for c in row], 1) for row in layout], 0)
+
+
+LAYOUT = np.array([[0, 1, 2, 3, 0, 1, 2, -1],
+                   [3, 3, 0, 0, 1, 1, 2, -1],
+                   [2, 1, 0, 3, 2, 1, 0, -1],
+                   [1, 2, 3, 0, 1, 2, 3, -1],
+                   [-1, -1, -1, 2, 2, 3, 3, -1],
+                   [0, 0, 1, 1, 2, 2, 3, 3]])
+
+
+@pytest.fixture(scope="module")
+def map_model(tmp_path_factory):
+    """A student that knows the four stand-in colours, trained on 40 px tiles at 0.495 um/px."""
+    root, rng = tmp_path_factory.mktemp("mapdata"), np.random.default_rng(0)
+    for c in range(4):  # the stand-in's colours with less noise: 10 epochs of 100 tiles learn them
+        (root / "d" / f"{c + 1:02d}_CLASS{c}").mkdir(parents=True)
+        for i in range(100):
+            Image.fromarray(_standin_tile(c, 40, rng, 5)).save(root / "d" / f"{c + 1:02d}_CLASS{c}" / f"{i}.png")
+    distill.main(distill.get_args(["--data", str(root / "d"), "--distill-weight", "0", "--teacher-logits",
+                                   str(root / "none.pt"), "--out", str(root / "s.pt"), "--epochs", "10",
+                                   "--step-size", "3", "--img-size", "32", "--batch-size", "8", "--device", "cpu"]))
+    return root / "s.pt"
+
+
+def _map(model, target, out, *extra):
+    return evaluate.main(evaluate.get_args([str(model), "--map", str(target), "--out-dir", str(out),
+                                            "--device", "cpu", *map(str, extra)]))
+
+
+def test_window_and_level_arithmetic():
+    # a 40x slide (0.25 um/px, downsamples 1, 4, 16) for a model of 150 px at 0.495 um/px shown at 112 px
+    assert mpkd.pick_level([1, 4, 16], 0.25, 150 * 0.495 / 112) == 0  # level 1 (1.0 um/px) is too coarse
+    assert mpkd.pick_level([1, 2, 4, 8], 0.25, 150 * 0.495 / 112) == 1  # 0.5 um/px: the coarsest fine enough
+    assert mpkd.pick_level([1, 2], 0.5, 0.5) == 0 and mpkd.pick_level([1, 2], 0.2495, 0.495) == 1  # 1% slack
+    assert mpkd.pick_level([1, 4], 1.0, 0.5) == 0  # coarser than needed already: the finest there is
+    origins = mpkd.window_origins(100, 70, 30, 10)
+    assert len(origins) == 8 * 5 and origins[0].tolist() == [0, 0] and origins[-1].tolist() == [70, 40]
+    assert mpkd.cell_grid(100, 70, 10) == (7, 10) and mpkd.cell_grid(101, 70, 10) == (7, 11)
+    cells = mpkd.window_cells(np.array([[0, 0], [70, 40]]), 30, 10)
+    assert cells.tolist() == [[0, 3, 0, 3], [4, 7, 7, 10]]  # a third of a window: 3 x 3 cells
+    assert mpkd.window_cells(np.array([[150, 300]]), 150, 150).tolist() == [[2, 3, 1, 2]]
+
+
+def test_overlapping_windows_are_averaged_per_cell():
+    sums, counts = np.zeros((2, 3, 2), np.float32), np.zeros((2, 3), np.int32)
+    cells = mpkd.window_cells(np.array([[0, 0], [1, 0]]), 2, 1)  # two 2 x 2 windows, one cell apart
+    mpkd.accumulate(sums, counts, cells, np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
+    assert counts.tolist() == [[1, 2, 1], [1, 2, 1]]
+    mean = sums / counts[..., None]
+    assert mean[0, 0].tolist() == [1, 0] and mean[0, 1].tolist() == [0.5, 0.5] and mean[1, 2].tolist() == [0, 1]
+
+
+def test_tissue_threshold_and_mask():
+    values = np.concatenate([np.full(300, 5), np.full(100, 120)]).astype(np.uint8)
+    assert 5 <= mpkd.otsu_threshold(values) < 120
+    glass = np.full((4, 4, 3), 240, np.uint8)
+    pink = np.tile(np.array([230, 120, 200], np.uint8), (4, 4, 1))
+    assert mpkd.saturation(pink[:1, :1])[0, 0] == (230 - 120) * 255 // 230 and mpkd.saturation(glass).max() == 0
+    mask, threshold = mpkd.tissue_mask(np.concatenate([glass, pink], 1))
+    assert mask[:, :4].sum() == 0 and mask[:, 4:].all() and threshold == mpkd.TISSUE_SATURATION[0] or threshold >= 15
+    all_tissue, _ = mpkd.tissue_mask(np.concatenate([pink, pink // 2 + 60], 1))  # two stains, no glass
+    assert all_tissue.all()  # Otsu alone would split the tissue in two
+    share = mpkd.tissue_share(np.concatenate([np.zeros((4, 4), bool), np.ones((4, 4), bool)], 1), 0.5,
+                              np.array([[0, 0], [8, 0], [4, 0]]), 8)
+    assert share.tolist() == [0.0, 1.0, 0.5]
+
+
+def test_shards_cover_every_image_once_and_colours_are_fixed():
+    items = list(range(7))
+    parts = [mpkd.shard(items, f"{k}/3") for k in range(3)]
+    assert sorted(sum(parts, [])) == items and all(parts)
+    for bad in ("3/3", "1", "a/b"):
+        with pytest.raises(mpkd.UserError, match="must be K/N"):
+            mpkd.shard(items, bad)
+    assert mpkd.class_colour("01_TUMOR") == mpkd.class_colour("TUM") == mpkd.CLASS_COLOURS["TUMOR"]
+    assert mpkd.class_colour("my class") == mpkd.class_colour("MY CLASS") != mpkd.class_colour("other")
+
+
+def test_a_large_image_comes_back_as_its_layout(map_model, tmp_path, capsys):
+    Image.fromarray(_layout_pixels(LAYOUT, 40)).save(tmp_path / "big.tif", resolution_unit=3,
+                                                      resolution=1e4 / 0.495)  # pixels per cm
+    _map(map_model, tmp_path / "big.tif", tmp_path / "maps")
+    out = tmp_path / "maps"
+    assert {p.name for p in out.iterdir()} == {"big_map.png", "big_overlay.png", "big_tiles.csv", "big.geojson",
+                                                "big_summary.json"}
+    summary = json.loads((out / "big_summary.json").read_text())
+    assert summary["mpp"] == pytest.approx(0.495) and summary["window"]["level0_px"] == 40
+    assert summary["cells"] == {"rows": 6, "columns": 8, "classified": int((LAYOUT >= 0).sum())}  # glass skipped
+    rows = _csv(out / "big_tiles.csv")
+    classes = sorted(p.name for p in (map_model.parent / "d").iterdir() if p.is_dir())
+    got = {(int(r["x"]) // 40, int(r["y"]) // 40): classes.index(r["class"]) for r in rows}
+    truth = {(x, y): LAYOUT[y, x] for y in range(6) for x in range(8) if LAYOUT[y, x] >= 0}
+    assert set(got) == set(truth)  # every tissue window where it is, no glass window
+    assert sum(got[k] == truth[k] for k in truth) >= 0.9 * len(truth)
+    ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)  # and each exactly what the model says of its tile
+    pixels = _layout_pixels(LAYOUT, 40)
+    tiles = torch.from_numpy(np.stack([mpkd.model_input(Image.fromarray(pixels[y * 40:y * 40 + 40, x * 40:x * 40 + 40]), 32)
+                                       for x, y in sorted(truth, key=lambda k: (k[1], k[0]))]))
+    direct = mpkd.predict(mpkd.load_model(ckpt, map_model), tiles, "fp32").softmax(1)
+    assert [got[k] for k in sorted(truth, key=lambda k: (k[1], k[0]))] == direct.argmax(1).tolist()
+    assert np.allclose([[float(r[f"p_{c}"]) for c in classes] for r in rows], direct.numpy(), atol=1e-4)
+    geo = json.loads((out / "big.geojson").read_text())
+    assert len(geo["features"]) == len(rows) == summary["windows"]["classified"]
+    first = geo["features"][0]
+    assert first["geometry"]["coordinates"][0][:3] == [[0, 0], [40, 0], [40, 40]]
+    assert first["properties"]["classification"]["name"] == rows[0]["class"]
+    assert sum(summary["class_fractions"].values()) == pytest.approx(1)
+    with Image.open(out / "big_map.png") as img:
+        assert img.width > 8 and img.height > 6
+    # a third of the window: each window covers 3 x 3 cells, averaged; the layout comes back per cell
+    _map(map_model, tmp_path / "big.tif", tmp_path / "third", "--stride", 0.495 * 40 / 4, "--no-mask")
+    third = json.loads((tmp_path / "third" / "big_summary.json").read_text())
+    assert third["cells"]["rows"] == 24 and third["windows"]["total"] == (24 - 3) * (32 - 3)
+    capsys.readouterr()
+    _map(map_model, tmp_path / "big.tif", tmp_path / "maps")  # done: skipped
+    assert "done before" in capsys.readouterr().out
+    stamp = (out / "big_summary.json").stat().st_mtime_ns
+    _map(map_model, tmp_path / "big.tif", tmp_path / "maps", "--overwrite")
+    assert (out / "big_summary.json").stat().st_mtime_ns != stamp
+
+
+def test_missing_mpp_is_named_and_the_other_images_go_on(map_model, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(folder / "a.png")  # PNG: no scale
+    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(folder / "b.tif", resolution_unit=3,
+                                                              resolution=1e4 / 0.495)
+    with pytest.raises(mpkd.UserError, match=r"1 of 2 images failed: a.png \(a.png records no microns per pixel: "
+                                             r"pass --image-mpp"):
+        _map(map_model, folder, tmp_path / "maps")
+    assert (tmp_path / "maps" / "b_summary.json").exists() and not (tmp_path / "maps" / "a_summary.json").exists()
+    _map(map_model, folder, tmp_path / "maps", "--image-mpp", 0.495)
+    assert "done before" in capsys.readouterr().out  # b was done already; a is done now
+    assert (tmp_path / "maps" / "a_summary.json").exists()
+
+
+def test_a_pyramidal_tiff_is_read_through_openslide(map_model, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    openslide = pytest.importorskip("openslide")
+    base = np.asarray(Image.fromarray(_layout_pixels(LAYOUT, 40)).resize((640, 480), Image.BILINEAR))
+    half = np.asarray(Image.fromarray(base).resize((320, 240), Image.BILINEAR))
+    with tifffile.TiffWriter(tmp_path / "slide.tif") as tif:  # 0.2475 um/px, and a level at 0.495
+        tif.write(base, tile=(128, 128), photometric="rgb", resolution=(1e4 / 0.2475, 1e4 / 0.2475),
+                  resolutionunit="CENTIMETER")
+        tif.write(half, tile=(128, 128), photometric="rgb", subfiletype=1,
+                  resolution=(1e4 / 0.495, 1e4 / 0.495), resolutionunit="CENTIMETER")
+    assert openslide.OpenSlide.detect_format(str(tmp_path / "slide.tif")) == "generic-tiff"
+    _map(map_model, tmp_path / "slide.tif", tmp_path / "maps")
+    summary = json.loads((tmp_path / "maps" / "slide_summary.json").read_text())
+    assert summary["mpp"] == pytest.approx(0.2475) and summary["level"] == 1 and summary["window"]["read_px"] == 40
+    rows = _csv(tmp_path / "maps" / "slide_tiles.csv")
+    classes = sorted(p.name for p in (map_model.parent / "d").iterdir() if p.is_dir())
+    got = {(int(r["x"]) // 80, int(r["y"]) // 80): classes.index(r["class"]) for r in rows}
+    truth = {(x, y): LAYOUT[y, x] for y in range(6) for x in range(8) if LAYOUT[y, x] >= 0}
+    assert set(got) == set(truth) and sum(got[k] == truth[k] for k in truth) >= 0.9 * len(truth)

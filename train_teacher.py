@@ -57,6 +57,9 @@ def get_args(argv=None):
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="ImageNet weights to start from instead of timm's download: a state dict "
                         "(.pt/.pth/.bin) or .safetensors of the same network, 1000-class head")
+    p.add_argument("--mpp", type=float, default=mpkd.DEFAULT_MPP,
+                   help="microns per pixel of the training tiles (Kather 2016: 0.495; NCT-CRC-HE-100K: "
+                        "0.5), recorded with the tiles' size for tissue maps")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
@@ -109,6 +112,7 @@ def main(args):
     if "val_logits" in run["extra"]:  # {stored epoch: (N_val, C)}; absent without a validation part
         teacher_logits["val_logits"] = run["extra"]["val_logits"]
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], "teacher", run["history"])
+    checkpoint["tile"] = mpkd.tile_record(data, args.mpp)  # the field of view, for tissue maps
     mpkd.save_atomic(checkpoint, args.out)
     mpkd.save_atomic(teacher_logits, args.logits_out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
