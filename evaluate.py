@@ -723,6 +723,8 @@ def images_report(pred, out) -> list[str]:
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 MAP_BATCH = 256  # windows read and classified at a time; reading runs one batch ahead
 THUMBNAIL = 2048  # longest side of the thumbnail the tissue mask and the overlay are made from
+SLIDE_CACHE = 256 * 2 ** 20  # bytes of decoded slide tiles OpenSlide keeps (its default is 32 MiB)
+OVERLAY_WIDTH = 1600  # width of NAME_overlay.png (thumbnail and map side by side)
 
 
 def import_openslide():
@@ -749,8 +751,8 @@ class PlainImage:
         self.mpp = per_unit / float(resolution) if per_unit and resolution and float(resolution) > 0 else None
         self.dimensions, self.downsamples = [self.image.size], [1.0]
 
-    def read(self, x: int, y: int, level: int, size: int) -> Image.Image:
-        return self.image.crop((x, y, x + size, y + size))
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        return self.image.crop((x, y, x + width, y + height))
 
     def thumbnail(self, side: int) -> Image.Image:
         thumb = self.image.copy()
@@ -764,12 +766,14 @@ class Slide:
 
     def __init__(self, path: Path, openslide):
         self.slide = openslide.OpenSlide(str(path))
+        if hasattr(openslide, "OpenSlideCache"):  # OpenSlide 4: room for a few rows of decoded tiles,
+            self.slide.set_cache(openslide.OpenSlideCache(SLIDE_CACHE))  # so each is decoded once
         mpp = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
         self.mpp = float(mpp) if mpp else None
         self.dimensions, self.downsamples = self.slide.level_dimensions, self.slide.level_downsamples
 
-    def read(self, x: int, y: int, level: int, size: int) -> Image.Image:
-        region = self.slide.read_region((x, y), level, (size, size))  # (x, y) in level-0 pixels, RGBA
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        region = self.slide.read_region((x, y), level, (width, height))  # (x, y) in level-0 pixels, RGBA
         white = Image.new("RGB", region.size, (255, 255, 255))
         white.paste(region, mask=region.getchannel("A"))  # outside the scanned area: glass, not black
         return white
@@ -808,18 +812,37 @@ def map_inputs(target: Path) -> list[Path]:
     return found
 
 
-def window_batches(reader, origins: np.ndarray, level: int, read_px: int, size: int, pool):
-    """uint8 (n, 3, S, S) batches of the windows at `origins`, read at `level` and resized as in
-    training; the next batch is read by `pool`'s threads while the caller classifies this one."""
-    def read(xy):
-        return mpkd.model_input(reader.read(int(xy[0]), int(xy[1]), level, read_px), size)
+def window_runs(origins: np.ndarray, stride: int, longest: int = 16) -> list[np.ndarray]:
+    """Split window origins (row by row) into runs of neighbours on one row, at most `longest` long:
+    each run is read as one region, so a slide's tiles are decoded once per run, not per window."""
+    breaks = np.flatnonzero((np.diff(origins[:, 1]) != 0) | (np.diff(origins[:, 0]) != stride)) + 1
+    runs = np.split(np.arange(len(origins)), breaks) if len(origins) else []
+    return [run[i:i + longest] for run in runs for i in range(0, len(run), longest)]
+
+
+def window_batches(reader, origins: np.ndarray, plan: dict, size: int, pool):
+    """uint8 (n, 3, S, S) batches of the windows at `origins`, read at the plan's level and resized
+    as in training; the next batch is read by `pool`'s threads while the caller classifies this one."""
+    level, read_px, stride = plan["level"], plan["read_px"], plan["stride"]
+    down = reader.downsamples[level]
+
+    def read(run):  # one region for a run of neighbouring windows, cut into the windows
+        x0, y0 = (int(v) for v in run[0])
+        span = round((int(run[-1][0]) - x0) / down) + read_px
+        region = reader.read(x0, y0, level, span, read_px)
+        return [mpkd.model_input(region.crop((o, 0, o + read_px, read_px)), size)
+                for o in (round((int(x) - x0) / down) for x, _ in run)]
 
     starts = range(0, len(origins), MAP_BATCH)
-    pending = [pool.map(read, origins[s:s + MAP_BATCH]) for s in starts[:2]]
+    def submit(first):
+        batch = origins[first:first + MAP_BATCH]
+        return pool.map(read, [batch[run] for run in window_runs(batch, stride)])
+
+    pending = [submit(s) for s in starts[:2]]
     for i in range(len(starts)):
-        batch = torch.from_numpy(np.stack(list(pending[i])))
+        batch = torch.from_numpy(np.stack([w for run in pending[i] for w in run]))
         if i + 2 < len(starts):
-            pending.append(pool.map(read, origins[starts[i + 2]:starts[i + 2] + MAP_BATCH]))
+            pending.append(submit(starts[i + 2]))
         pending[i] = None  # its windows are in `batch` now
         yield batch
 
@@ -835,7 +858,8 @@ def classify_windows(path: Path, predictor: dict, args, say) -> dict:
     tile_um = args.tile_um or predictor["tile_um"]
     window, stride = round(tile_um / mpp), round((args.stride or tile_um) / mpp)
     if stride < 1 or stride > window:
-        raise mpkd.UserError(f"--stride {args.stride} must be between {mpp:.3g} um and the window, {tile_um:.4g} um")
+        raise mpkd.UserError(f"--stride {args.stride} must be between {mpp:.3g} um and the window, "
+                             f"{tile_um:.4g} um")
     level = mpkd.pick_level(list(reader.downsamples), mpp, tile_um / predictor["size"])
     read_px = max(1, round(window / reader.downsamples[level]))
     width, height = reader.dimensions[0]
@@ -846,7 +870,8 @@ def classify_windows(path: Path, predictor: dict, args, say) -> dict:
     todo = origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE]
     probs, start, last = [], time.perf_counter(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for batch in window_batches(reader, todo, level, read_px, predictor["size"], pool):
+        plan = {"level": level, "read_px": read_px, "stride": stride}
+        for batch in window_batches(reader, todo, plan, predictor["size"], pool):
             probs.append(torch.softmax(predictor["logits"](batch).float(), 1).numpy())
             done, now = sum(len(p) for p in probs), time.perf_counter()
             if now - last > 5 and done < len(todo):
@@ -857,8 +882,8 @@ def classify_windows(path: Path, predictor: dict, args, say) -> dict:
     seconds = time.perf_counter() - start
     return {"reader": reader, "thumbnail": thumb, "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
             else "metadata", "level": level, "window": window, "stride": stride, "read_px": read_px,
-            "tile_um": tile_um, "origins": todo, "n_windows": len(origins), "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()),
-            "threshold": threshold,
+            "tile_um": tile_um, "origins": todo, "n_windows": len(origins),
+            "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()), "threshold": threshold,
             "probs": np.concatenate(probs) if probs else np.zeros((0, len(predictor["classes"])), np.float32),
             "seconds": seconds, "size": (width, height)}
 
@@ -868,7 +893,8 @@ def cell_map(plan: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     window was classified."""
     rows, cols = mpkd.cell_grid(*plan["size"], plan["stride"])
     sums, counts = np.zeros((rows, cols, len(classes)), np.float32), np.zeros((rows, cols), np.int32)
-    mpkd.accumulate(sums, counts, mpkd.window_cells(plan["origins"], plan["window"], plan["stride"]), plan["probs"])
+    cells = mpkd.window_cells(plan["origins"], plan["window"], plan["stride"])
+    mpkd.accumulate(sums, counts, cells, plan["probs"])
     mean = sums / np.maximum(counts, 1)[..., None]
     return mean, np.where(counts > 0, mean.argmax(-1), -1)
 
@@ -881,14 +907,15 @@ def map_picture(cells: np.ndarray, classes: list[str], title: str) -> Image.Imag
     k = max(1, min(24, 1000 // max(rows, cols)))
     grid = grid.resize((cols * k, rows * k), Image.NEAREST)
     legend_w = 230
-    out = Image.new("RGB", (grid.width + legend_w, max(grid.height, 30 + 22 * (len(classes) + 1)) + 30), "white")
+    height = max(grid.height, 30 + 22 * (len(classes) + 1)) + 30
+    out = Image.new("RGB", (grid.width + legend_w, height), "white")
     out.paste(grid, (0, 30))
     draw = ImageDraw.Draw(out)
     draw.text((4, 8), title, fill="black")
     for i, name in enumerate([*classes, "not classified"]):
         y = 34 + 22 * i
-        draw.rectangle((grid.width + 12, y, grid.width + 30, y + 16), fill=tuple(int(v) for v in palette[i if i < len(classes) else -1]),
-                       outline="black")
+        colour = tuple(int(v) for v in palette[min(i, len(palette) - 1)])
+        draw.rectangle((grid.width + 12, y, grid.width + 30, y + 16), fill=colour, outline="black")
         draw.text((grid.width + 38, y + 2), name, fill="black")
     return out
 
@@ -900,47 +927,51 @@ def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.
     rows, cols = cells.shape
     palette = np.array([mpkd.class_colour(c) + (150,) for c in classes] + [(0, 0, 0, 0)], np.uint8)
     side = plan["stride"] * scale  # a cell on the thumbnail
-    layer = Image.fromarray(palette[cells]).resize((max(1, round(cols * side)), max(1, round(rows * side))), Image.NEAREST)
+    layer = Image.fromarray(palette[cells]).resize((max(1, round(cols * side)), max(1, round(rows * side))),
+                                                   Image.NEAREST)
     over = thumb.convert("RGBA")
     over.alpha_composite(layer.crop((0, 0, thumb.width, thumb.height)))
     out = Image.new("RGB", (thumb.width * 2 + 10, thumb.height), "white")
     out.paste(thumb, (0, 0))
     out.paste(over.convert("RGB"), (thumb.width + 10, 0))
+    out.thumbnail((OVERLAY_WIDTH, OVERLAY_WIDTH))  # a picture to look at; the CSV and GeoJSON hold the detail
     return out
 
 
 def write_map(path: Path, plan: dict, predictor: dict, model_path: str, out_dir: Path) -> dict:
     """The five outputs of one image; the summary last, so that a complete summary means done."""
-    classes, name = predictor["classes"], path.stem
-    mean, cells = cell_map(plan, classes)
+    classes, name, w = predictor["classes"], path.stem, plan["window"]
+    _, cells = cell_map(plan, classes)
     classified = cells >= 0
     fractions = {c: float((cells == i).sum() / max(classified.sum(), 1)) for i, c in enumerate(classes)}
-    buffer = io.BytesIO()
-    map_picture(cells, classes, f"{path.name}: {classified.sum()} of {cells.size} cells classified").save(buffer, "PNG")
-    mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_map.png")
-    buffer = io.BytesIO()
-    overlay_picture(plan, cells, classes).save(buffer, "PNG")
-    mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_overlay.png")
-    w, best = plan["window"], plan["probs"].argmax(1) if len(plan["probs"]) else np.zeros(0, int)
+    title = f"{path.name}: {classified.sum()} of {cells.size} cells classified"
+    for picture, suffix in ((map_picture(cells, classes, title), "map"),
+                            (overlay_picture(plan, cells, classes), "overlay")):
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_{suffix}.png")
+    windows = [(int(x), int(y), int(p.argmax()), p) for (x, y), p in zip(plan["origins"], plan["probs"])]
     write_csv(["x", "y", "size", "class", "probability", *(f"p_{c}" for c in classes)],
-              [[int(x), int(y), w, classes[b], float(p[b]), *map(float, p)]
-               for (x, y), b, p in zip(plan["origins"], best, plan["probs"])], out_dir / f"{name}_tiles.csv")
-    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
-                    [[int(x), int(y)], [int(x) + w, int(y)], [int(x) + w, int(y) + w], [int(x), int(y) + w], [int(x), int(y)]]]},
-                 "properties": {"objectType": "tile", "classification": {"name": classes[b], "color": list(mpkd.class_colour(classes[b]))},
-                                "measurements": {"probability": float(p[b])}}}
-                for (x, y), b, p in zip(plan["origins"], best, plan["probs"])]
-    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}), out_dir / f"{name}.geojson")
-    summary = {"image": str(path), "size_px": list(plan["size"]), "mpp": plan["mpp"], "mpp_from": plan["mpp_from"],
-               "level": plan["level"], "level_mpp": plan["mpp"] * plan["reader"].downsamples[plan["level"]],
-               "window": {"um": plan["tile_um"], "level0_px": w, "read_px": plan["read_px"]},
-               "stride": {"um": plan["stride"] * plan["mpp"], "level0_px": plan["stride"]},
-               "windows": {"total": plan["n_windows"], "tissue": plan["n_tissue"], "classified": len(plan["origins"])},
-               "tissue_threshold": plan["threshold"], "cells": {"rows": cells.shape[0], "columns": cells.shape[1],
-               "classified": int(classified.sum())}, "class_fractions": fractions,
-               "model": {"path": str(model_path), "identity": predictor["identity"]},
-               "seconds": plan["seconds"], "windows_per_s": len(plan["origins"]) / max(plan["seconds"], 1e-9),
-               "complete": True}
+              [[x, y, w, classes[b], float(p[b]), *map(float, p)] for x, y, b, p in windows],
+              out_dir / f"{name}_tiles.csv")
+    features = [{"type": "Feature",  # QuPath: File > Import objects; level-0 pixels, one tile per window
+                 "geometry": {"type": "Polygon",
+                              "coordinates": [[[x, y], [x + w, y], [x + w, y + w], [x, y + w], [x, y]]]},
+                 "properties": {"objectType": "tile", "measurements": {"probability": float(p[b])},
+                                "classification": {"name": classes[b], "color": list(mpkd.class_colour(classes[b]))}}}
+                for x, y, b, p in windows]
+    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}),
+                           out_dir / f"{name}.geojson")
+    summary = {
+        "image": str(path), "size_px": list(plan["size"]), "mpp": plan["mpp"], "mpp_from": plan["mpp_from"],
+        "level": plan["level"], "level_mpp": plan["mpp"] * plan["reader"].downsamples[plan["level"]],
+        "window": {"um": plan["tile_um"], "level0_px": w, "read_px": plan["read_px"]},
+        "stride": {"um": plan["stride"] * plan["mpp"], "level0_px": plan["stride"]},
+        "windows": {"total": plan["n_windows"], "tissue": plan["n_tissue"], "classified": len(windows)},
+        "tissue_threshold": plan["threshold"],
+        "cells": {"rows": cells.shape[0], "columns": cells.shape[1], "classified": int(classified.sum())},
+        "class_fractions": fractions, "model": {"path": str(model_path), "identity": predictor["identity"]},
+        "seconds": plan["seconds"], "windows_per_s": len(windows) / max(plan["seconds"], 1e-9), "complete": True}
     mpkd.write_text_atomic(json.dumps(summary, indent=1), out_dir / f"{name}_summary.json")
     return summary
 
@@ -969,8 +1000,8 @@ def map_images(args, device) -> list[str]:
         try:
             summary = write_map(path, classify_windows(path, predictor, args, print), predictor,
                                 args.checkpoints[0], out_dir)
-        except (mpkd.UserError, OSError, ValueError, Image.DecompressionBombError) as err:
-            failed[path.name] = str(err) or type(err).__name__
+        except Exception as err:  # unreadable, truncated, no scale, a format OpenSlide refuses: named
+            failed[path.name] = str(err) if isinstance(err, mpkd.UserError) else f"{type(err).__name__}: {err}"
             print(f"{path.name}: failed ({failed[path.name]})", flush=True)
             continue
         top = sorted(summary["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
