@@ -1,5 +1,5 @@
 """Evaluate checkpoints on their test split in the shape of the paper's Table II, with intervals,
-significance tests and pictures; or predict a folder of new tiles.
+significance tests and pictures; or predict a folder of new tiles, or map large images and slides.
 
     python evaluate.py teacher.pt alone.pt vanilla.pt student.pt --plots plots
     python evaluate.py student.pt --predictions student_predictions.csv   # + per-class report
@@ -8,9 +8,10 @@ significance tests and pictures; or predict a folder of new tiles.
     python evaluate.py student.pt --images new_tiles/ --predictions new_tiles.csv  # no labels needed
     python evaluate.py student.pt --export student.onnx --benchmark    # one deployable file, measured
     python evaluate.py student.onnx --images new_tiles/                # the exported file on new tiles
+    python evaluate.py student.onnx --map slides/ --out-dir maps      # tissue maps of slides or large images
 
-Each checkpoint carries its network, classes, image size and split settings, so only --data is
-needed; a checkpoint whose classes or training files do not match --data is refused. Every
+Each checkpoint carries its network, classes, image size, split settings and data folder, so no
+flag is needed; a checkpoint whose classes or training files do not match --data is refused. Every
 accuracy comes with its 95% Wilson interval; checkpoints tested on the same tiles are compared
 with McNemar's exact test; across seeds the paired difference gets a 95% t-interval.
 """

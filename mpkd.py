@@ -8,8 +8,9 @@ epoch 5, epochs 5-9 from epoch 10, and so on. Vanilla KD uses only the final tea
 
 The scripts `train_teacher.py`, `distill.py` and `evaluate.py` are thin argparse wrappers around
 this module; a user who copies one script and this file has everything. Sections, top to bottom:
-the method (KD loss and schedule), models, data, training, checkpoints, and last the run machinery
-(settings checks, atomic files, resumable state, the teacher logits file).
+the method (KD loss and schedule), models, data, training, checkpoints, the arithmetic of tissue
+maps (windows, pyramid levels, tissue mask, cells), and last the run machinery (settings checks,
+atomic files, resumable state, the teacher logits file).
 """
 
 import contextlib
