@@ -1173,7 +1173,9 @@ def open_onnx(path):
     if not Path(path).is_file():
         raise mpkd.UserError(f"{path} does not exist")
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()  # idle threads sleep rather than spin: window reading needs the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # truncated, not ONNX, an operator this runtime lacks
         raise mpkd.UserError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
     meta = session.get_modelmeta().custom_metadata_map
