@@ -818,7 +818,7 @@ def pick_device(name: str) -> torch.device:
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= count:
         raise UserError(f"--device {name}: this machine has {count} CUDA device(s), "
-                        f"{', '.join(f'cuda:{i}' for i in range(count))}")
+                        f"{', '.join(f'cuda:{i}' for i in range(count))}; pass one of them, or --device cpu")
     device = torch.device("cuda", index)
     torch.cuda.set_device(device)  # compiled kernels and cuDNN's autotuning run on the current device
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32: free speed on Ampere and newer

@@ -46,7 +46,10 @@ def make_large_image(path: Path, side: int = 5000, mpp: float = 0.495) -> None:
 
 
 def make_slide(path: Path, side: int = 40000, mpp: float = 0.25, tile: int = 256) -> None:
-    import tifffile
+    try:
+        import tifffile
+    except ImportError:
+        sys.exit("the generated slide needs tifffile: pip install tifffile openslide-python openslide-bin")
     try:
         import imagecodecs  # noqa: F401
         compression = "jpeg"
