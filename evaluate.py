@@ -723,7 +723,6 @@ def images_report(pred, out) -> list[str]:
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 MAP_BATCH = 256  # windows read and classified at a time; reading runs one batch ahead
-THUMBNAIL = 2048  # longest side of the thumbnail the tissue mask and the overlay are made from
 SLIDE_CACHE = 256 * 2 ** 20  # bytes of decoded slide tiles OpenSlide keeps (its default is 32 MiB)
 OVERLAY_WIDTH = 1600  # width of NAME_overlay.png (thumbnail and map side by side)
 
@@ -756,9 +755,9 @@ class PlainImage:
         return self.image.crop((x, y, x + width, y + height))
 
     def thumbnail(self, side: int) -> Image.Image:
-        thumb = self.image.copy()
-        thumb.thumbnail((side, side), Image.BILINEAR)
-        return thumb
+        scale = min(1.0, side / max(self.image.size))
+        return self.image.resize((max(1, round(self.image.width * scale)), max(1, round(self.image.height * scale))),
+                                 Image.BILINEAR, reducing_gap=2.0)  # as PIL's thumbnail(), without its copy
 
 
 class Slide:
@@ -775,6 +774,8 @@ class Slide:
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         region = self.slide.read_region((x, y), level, (width, height))  # (x, y) in level-0 pixels, RGBA
+        if region.getchannel("A").getextrema()[0] == 255:  # all scanned, the usual case
+            return region.convert("RGB")
         white = Image.new("RGB", region.size, (255, 255, 255))
         white.paste(region, mask=region.getchannel("A"))  # outside the scanned area: glass, not black
         return white
@@ -828,11 +829,9 @@ def window_batches(reader, origins: np.ndarray, plan: dict, size: int, pool):
     down = reader.downsamples[level]
 
     def read(run):  # one region for a run of neighbouring windows, cut into the windows
-        x0, y0 = (int(v) for v in run[0])
-        span = round((int(run[-1][0]) - x0) / down) + read_px
-        region = reader.read(x0, y0, level, span, read_px)
-        return [mpkd.model_input(region.crop((o, 0, o + read_px, read_px)), size)
-                for o in (round((int(x) - x0) / down) for x, _ in run)]
+        (x, y), offsets, span = mpkd.run_region(run, down, read_px)
+        region = reader.read(x, y, level, span, read_px)
+        return [mpkd.model_input(region.crop((o, 0, o + read_px, read_px)), size) for o in offsets]
 
     starts = range(0, len(origins), MAP_BATCH)
     def submit(first):
@@ -851,6 +850,7 @@ def window_batches(reader, origins: np.ndarray, plan: dict, size: int, pool):
 def classify_windows(path: Path, predictor: dict, args, say) -> dict:
     """Read and classify every tissue window of one image: the plan (level, window, stride, mask)
     and per classified window its level-0 origin and class probabilities."""
+    start = time.perf_counter()  # end to end: opening, thumbnail and mask count too
     reader = open_map_image(path)
     mpp = args.image_mpp or reader.mpp
     if not mpp:
@@ -865,11 +865,11 @@ def classify_windows(path: Path, predictor: dict, args, say) -> dict:
     read_px = max(1, round(window / reader.downsamples[level]))
     width, height = reader.dimensions[0]
     origins = mpkd.window_origins(width, height, window, stride)
-    thumb = np.asarray(reader.thumbnail(THUMBNAIL))
+    thumb = np.asarray(reader.thumbnail(mpkd.thumbnail_side(width, height, window)))
     mask, threshold = mpkd.tissue_mask(thumb)
     share = mpkd.tissue_share(mask, thumb.shape[1] / width, origins, window)
     todo = origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE]
-    probs, start, last = [], time.perf_counter(), time.perf_counter()
+    probs, last = [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         plan = {"level": level, "read_px": read_px, "stride": stride}
         for batch in window_batches(reader, todo, plan, predictor["size"], pool):

@@ -1637,6 +1637,9 @@ def test_window_and_level_arithmetic():
     cells = mpkd.window_cells(np.array([[0, 0], [70, 40]]), 30, 10)
     assert cells.tolist() == [[0, 3, 0, 3], [4, 7, 7, 10]]  # a third of a window: 3 x 3 cells
     assert mpkd.window_cells(np.array([[150, 300]]), 150, 150).tolist() == [[2, 3, 1, 2]]
+    # a run of windows at odd level-0 positions, read from a level at half the resolution
+    (x, y), offsets, span = mpkd.run_region(np.array([[33, 51], [94, 51], [155, 51]]), 2.0, 30)
+    assert (x, y) == (32, 52) and offsets == [0, 31, 62] and span == 92  # whole level pixels, nearest
 
 
 def test_overlapping_windows_are_averaged_per_cell():
@@ -1731,6 +1734,37 @@ def test_missing_mpp_is_named_and_the_other_images_go_on(map_model, tmp_path, ca
     _map(map_model, folder, tmp_path / "maps", "--image-mpp", 0.495)
     assert "done before" in capsys.readouterr().out  # b was done already; a is done now
     assert (tmp_path / "maps" / "a_summary.json").exists()
+
+
+def test_windows_are_a_levels_own_pixels_not_interpolated(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    openslide = pytest.importorskip("openslide")
+    rng = np.random.default_rng(0)
+    base, half = (rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for side in (512, 256))
+    with tifffile.TiffWriter(tmp_path / "noise.tif") as tif:  # noise: any interpolation shows
+        tif.write(base, tile=(128, 128), photometric="rgb", resolution=(1e4 / 0.25,) * 2, resolutionunit="CENTIMETER")
+        tif.write(half, tile=(128, 128), photometric="rgb", subfiletype=1)
+    reader = evaluate.Slide(tmp_path / "noise.tif", openslide)
+    origins = np.array([[33, 51], [94, 51], [155, 51], [401, 301]])  # odd: between two level-1 pixels
+    with evaluate.ThreadPoolExecutor(2) as pool:
+        got = torch.cat(list(evaluate.window_batches(reader, origins, {"level": 1, "read_px": 30, "stride": 61},
+                                                     24, pool)))
+    want = [mpkd.model_input(Image.fromarray(half[y:y + 30, x:x + 30]), 24) for x, y in np.rint(origins / 2).astype(int)]
+    assert np.array_equal(got.numpy(), np.stack(want))
+
+
+def test_unscanned_slide_area_is_read_as_glass():
+    class Scan:  # what OpenSlide gives where a slide has no scanned tiles (MIRAX, ...): transparent
+        def read_region(self, location, level, size):
+            region = np.zeros((*size[::-1], 4), np.uint8)
+            region[:, : size[0] // 2] = (200, 40, 90, 255)
+            return Image.fromarray(region, "RGBA")
+    reader = evaluate.Slide.__new__(evaluate.Slide)
+    reader.slide = Scan()
+    pixels = np.asarray(reader.read(0, 0, 0, 4, 2))
+    assert pixels[:, :2].tolist() == [[[200, 40, 90]] * 2] * 2 and (pixels[:, 2:] == 255).all()
+    reader.slide.read_region = lambda *a: Image.new("RGBA", (3, 3), (10, 20, 30, 255))  # all scanned
+    assert np.asarray(reader.read(0, 0, 0, 3, 3)).tolist() == [[[10, 20, 30]] * 3] * 3
 
 
 def test_a_pyramidal_tiff_is_read_through_openslide(map_model, tmp_path):
