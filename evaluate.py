@@ -743,9 +743,11 @@ class PlainImage:
     carry none that can be trusted: their dpi are screen values)."""
 
     def __init__(self, path: Path):
-        with Image.open(path) as img:
-            self.image = img.convert("RGB")  # decoded once, before the reading threads start
-            tags = getattr(img, "tag_v2", {})
+        with open(path, "rb") as f:  # our file, so that closing it keeps the decoded image
+            img = Image.open(f)
+            img.load()  # decoded once, before the reading threads start
+        self.image = img if img.mode == "RGB" else img.convert("RGB")
+        tags = getattr(img, "tag_v2", {})
         unit, resolution = tags.get(296), tags.get(282)  # ResolutionUnit, XResolution (pixels per unit)
         per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # micrometres per inch, per centimetre
         self.mpp = per_unit / float(resolution) if per_unit and resolution and float(resolution) > 0 else None
@@ -757,7 +759,7 @@ class PlainImage:
     def thumbnail(self, side: int) -> Image.Image:
         scale = min(1.0, side / max(self.image.size))
         return self.image.resize((max(1, round(self.image.width * scale)), max(1, round(self.image.height * scale))),
-                                 Image.BILINEAR, reducing_gap=2.0)  # as PIL's thumbnail(), without its copy
+                                 Image.BILINEAR, reducing_gap=1.0)  # box-reduced first: 2.6x faster than thumbnail()
 
 
 class Slide:
@@ -847,10 +849,10 @@ def window_batches(reader, origins: np.ndarray, plan: dict, size: int, pool):
         yield batch
 
 
-def classify_windows(path: Path, predictor: dict, args, say) -> dict:
-    """Read and classify every tissue window of one image: the plan (level, window, stride, mask)
-    and per classified window its level-0 origin and class probabilities."""
-    start = time.perf_counter()  # end to end: opening, thumbnail and mask count too
+def plan_map(path: Path, predictor: dict, args) -> dict:
+    """Everything before the windows of one image: open it, its scale, the level, window and stride,
+    the thumbnail, the tissue mask and the windows to classify (`todo`, level-0 origins)."""
+    start = time.perf_counter()  # an image's seconds: opening, thumbnail and mask count too
     reader = open_map_image(path)
     mpp = args.image_mpp or reader.mpp
     if not mpp:
@@ -862,16 +864,27 @@ def classify_windows(path: Path, predictor: dict, args, say) -> dict:
         raise mpkd.UserError(f"--stride {args.stride} must be between {mpp:.3g} um and the window, "
                              f"{tile_um:.4g} um")
     level = mpkd.pick_level(list(reader.downsamples), mpp, tile_um / predictor["size"])
-    read_px = max(1, round(window / reader.downsamples[level]))
     width, height = reader.dimensions[0]
     origins = mpkd.window_origins(width, height, window, stride)
     thumb = np.asarray(reader.thumbnail(mpkd.thumbnail_side(width, height, window)))
     mask, threshold = mpkd.tissue_mask(thumb)
     share = mpkd.tissue_share(mask, thumb.shape[1] / width, origins, window)
-    todo = origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE]
-    probs, last = [], time.perf_counter()
+    return {"reader": reader, "thumbnail": thumb, "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
+            else "metadata", "level": level, "level_mpp": mpp * reader.downsamples[level], "window": window,
+            "stride": stride, "read_px": max(1, round(window / reader.downsamples[level])), "tile_um": tile_um,
+            "todo": origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE], "n_windows": len(origins),
+            "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()), "threshold": threshold, "size": (width, height),
+            "setup_seconds": time.perf_counter() - start}
+
+
+def classify_windows(path: Path, plan: dict, predictor: dict, say) -> dict:
+    """Read and classify the plan's windows: the plan with, per classified window, its level-0
+    origin and class probabilities, and the image's seconds (setup and windows, not the time it
+    waited for the image before it); the image is let go."""
+    todo, reader = plan.pop("todo"), plan.pop("reader")
+    probs, start = [], time.perf_counter()
+    last = start
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        plan = {"level": level, "read_px": read_px, "stride": stride}
         for batch in window_batches(reader, todo, plan, predictor["size"], pool):
             probs.append(torch.softmax(predictor["logits"](batch).float(), 1).numpy())
             done, now = sum(len(p) for p in probs), time.perf_counter()
@@ -880,13 +893,8 @@ def classify_windows(path: Path, predictor: dict, args, say) -> dict:
                 say(f"  {path.name}: {done} / {len(todo)} windows, {rate:.0f} windows/s, "
                     f"ETA {(len(todo) - done) / rate:.0f} s")
                 last = now
-    seconds = time.perf_counter() - start
-    return {"reader": reader, "thumbnail": thumb, "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
-            else "metadata", "level": level, "window": window, "stride": stride, "read_px": read_px,
-            "tile_um": tile_um, "origins": todo, "n_windows": len(origins),
-            "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()), "threshold": threshold,
-            "probs": np.concatenate(probs) if probs else np.zeros((0, len(predictor["classes"])), np.float32),
-            "seconds": seconds, "size": (width, height)}
+    return {**plan, "origins": todo, "seconds": plan["setup_seconds"] + time.perf_counter() - start,
+            "probs": np.concatenate(probs) if probs else np.zeros((0, len(predictor["classes"])), np.float32)}
 
 
 def cell_map(plan: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -941,15 +949,15 @@ def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.
 
 def write_map(path: Path, plan: dict, predictor: dict, model_path: str, out_dir: Path) -> dict:
     """The five outputs of one image; the summary last, so that a complete summary means done."""
-    classes, name, w = predictor["classes"], path.stem, plan["window"]
+    classes, name, w, start = predictor["classes"], path.stem, plan["window"], time.perf_counter()
     _, cells = cell_map(plan, classes)
     classified = cells >= 0
     fractions = {c: float((cells == i).sum() / max(classified.sum(), 1)) for i, c in enumerate(classes)}
     title = f"{path.name}: {classified.sum()} of {cells.size} cells classified"
-    for picture, suffix in ((map_picture(cells, classes, title), "map"),
-                            (overlay_picture(plan, cells, classes), "overlay")):
+    for picture, suffix, level in ((map_picture(cells, classes, title), "map", 6),
+                                   (overlay_picture(plan, cells, classes), "overlay", 1)):
         buffer = io.BytesIO()
-        picture.save(buffer, "PNG")
+        picture.save(buffer, "PNG", compress_level=level)  # the photographic overlay: 1, 7x faster than 6, +17%
         mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_{suffix}.png")
     windows = [(int(x), int(y), int(p.argmax()), p) for (x, y), p in zip(plan["origins"], plan["probs"])]
     write_csv(["x", "y", "size", "class", "probability", *(f"p_{c}" for c in classes)],
@@ -965,14 +973,15 @@ def write_map(path: Path, plan: dict, predictor: dict, model_path: str, out_dir:
                            out_dir / f"{name}.geojson")
     summary = {
         "image": str(path), "size_px": list(plan["size"]), "mpp": plan["mpp"], "mpp_from": plan["mpp_from"],
-        "level": plan["level"], "level_mpp": plan["mpp"] * plan["reader"].downsamples[plan["level"]],
+        "level": plan["level"], "level_mpp": plan["level_mpp"],
         "window": {"um": plan["tile_um"], "level0_px": w, "read_px": plan["read_px"]},
         "stride": {"um": plan["stride"] * plan["mpp"], "level0_px": plan["stride"]},
         "windows": {"total": plan["n_windows"], "tissue": plan["n_tissue"], "classified": len(windows)},
         "tissue_threshold": plan["threshold"],
         "cells": {"rows": cells.shape[0], "columns": cells.shape[1], "classified": int(classified.sum())},
         "class_fractions": fractions, "model": {"path": str(model_path), "identity": predictor["identity"]},
-        "seconds": plan["seconds"], "windows_per_s": len(windows) / max(plan["seconds"], 1e-9), "complete": True}
+        "seconds": plan["seconds"], "windows_per_s": len(windows) / max(plan["seconds"], 1e-9),
+        "setup_seconds": plan["setup_seconds"], "output_seconds": time.perf_counter() - start, "complete": True}
     mpkd.write_text_atomic(json.dumps(summary, indent=1), out_dir / f"{name}_summary.json")
     return summary
 
@@ -991,24 +1000,52 @@ def map_images(args, device) -> list[str]:
     if not (args.tile_um or predictor["tile_um"]):
         raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size (made before --mpp): "
                              f"pass --tile-um, the tiles' width in micrometres (Kather 2016: 150 px x 0.495 = 74.25)")
-    lines, failed = [], {}
+    lines, failed, todo = [], {}, []
     for path in images:
         done = out_dir / f"{path.stem}_summary.json"
         if done.exists() and not args.overwrite and json.loads(done.read_text()).get("complete"):
             lines.append(f"{path.name}: done before ({done}); --overwrite redoes it")
             print(lines[-1], flush=True)
-            continue
+        else:
+            todo.append(path)
+
+    def fail(path, err):  # unreadable, truncated, no scale, a format OpenSlide refuses: named, the rest go on
+        failed[path.name] = str(err) if isinstance(err, mpkd.UserError) else f"{type(err).__name__}: {err}"
+        print(f"{path.name}: failed ({failed[path.name]})", flush=True)
+
+    def finish(path, writing):
         try:
-            summary = write_map(path, classify_windows(path, predictor, args, print), predictor,
-                                args.checkpoints[0], out_dir)
-        except Exception as err:  # unreadable, truncated, no scale, a format OpenSlide refuses: named
-            failed[path.name] = str(err) if isinstance(err, mpkd.UserError) else f"{type(err).__name__}: {err}"
-            print(f"{path.name}: failed ({failed[path.name]})", flush=True)
-            continue
+            summary = writing.result()
+        except Exception as err:
+            return fail(path, err)
         top = sorted(summary["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"{path.name}: {summary['windows']['classified']} of {summary['windows']['total']} windows "
                      f"classified in {summary['seconds']:.1f} s ({summary['windows_per_s']:.0f}/s); "
                      + ", ".join(f"{c} {f:.0%}" for c, f in top))
+        print(lines[-1], flush=True)
+
+    # While one image's windows are classified, the next image is opened and masked and the last
+    # one's outputs are written, beside it: a folder's images follow each other without a gap
+    start, windows, writing = time.perf_counter(), 0, None
+    with ThreadPoolExecutor(max_workers=2) as side:
+        planned = side.submit(plan_map, todo[0], predictor, args) if todo else None
+        for i, path in enumerate(todo):
+            plan, planned = planned, side.submit(plan_map, todo[i + 1], predictor, args) if i + 1 < len(todo) else None
+            try:
+                plan = classify_windows(path, plan.result(), predictor, print)
+            except Exception as err:
+                fail(path, err)
+                continue
+            windows += len(plan["origins"])
+            if writing:
+                finish(*writing)
+            writing = path, side.submit(write_map, path, plan, predictor, args.checkpoints[0], out_dir)
+        if writing:
+            finish(*writing)
+    if len(todo) > 1:
+        seconds = time.perf_counter() - start
+        lines.append(f"{len(todo) - len(failed)} of {len(todo)} images mapped in {seconds:.1f} s, outputs included: "
+                     f"{windows} windows, {windows / seconds:.0f} windows/s")
         print(lines[-1], flush=True)
     if failed:
         raise mpkd.UserError(f"{len(failed)} of {len(images)} images failed: "

@@ -1731,6 +1731,10 @@ def test_missing_mpp_is_named_and_the_other_images_go_on(map_model, tmp_path, ca
                                              r"pass --image-mpp"):
         _map(map_model, folder, tmp_path / "maps")
     assert (tmp_path / "maps" / "b_summary.json").exists() and not (tmp_path / "maps" / "a_summary.json").exists()
+    b = json.loads((tmp_path / "maps" / "b_summary.json").read_text())
+    out = capsys.readouterr().out  # the run's own last line counts b's windows
+    assert re.search(rf"1 of 2 images mapped in [\d.]+ s, outputs included: {b['windows']['classified']} windows", out)
+    assert b["seconds"] >= b["setup_seconds"] > 0 and b["output_seconds"] > 0
     _map(map_model, folder, tmp_path / "maps", "--image-mpp", 0.495)
     assert "done before" in capsys.readouterr().out  # b was done already; a is done now
     assert (tmp_path / "maps" / "a_summary.json").exists()
