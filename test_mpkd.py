@@ -1657,6 +1657,10 @@ def test_tissue_threshold_and_mask():
     glass = np.full((4, 4, 3), 240, np.uint8)
     pink = np.tile(np.array([230, 120, 200], np.uint8), (4, 4, 1))
     assert mpkd.saturation(pink[:1, :1])[0, 0] == (230 - 120) * 255 // 230 and mpkd.saturation(glass).max() == 0
+    high, low = np.meshgrid(np.arange(256), np.arange(256))  # every (max, min) pair: PIL's HSV is the formula
+    pairs = np.stack([high, low, low], -1)[low <= high][None].astype(np.uint8)
+    formula = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0)[low <= high]
+    assert mpkd.saturation(pairs)[0].tolist() == formula.tolist()
     mask, threshold = mpkd.tissue_mask(np.concatenate([glass, pink], 1))
     assert mask[:, :4].sum() == 0 and mask[:, 4:].all()
     assert threshold == mpkd.TISSUE_SATURATION[0]  # Otsu's 0 (glass at 0, pink at 133) clipped up to 15
