@@ -1000,7 +1000,7 @@ def map_images(args, device) -> list[str]:
     if not (args.tile_um or predictor["tile_um"]):
         raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size (made before --mpp): "
                              f"pass --tile-um, the tiles' width in micrometres (Kather 2016: 150 px x 0.495 = 74.25)")
-    lines, failed, todo = [], {}, []
+    lines, failed, todo, mapped = [], {}, [], []  # mapped: windows classified per image whose outputs are written
     for path in images:
         done = out_dir / f"{path.stem}_summary.json"
         if done.exists() and not args.overwrite and json.loads(done.read_text()).get("complete"):
@@ -1018,6 +1018,7 @@ def map_images(args, device) -> list[str]:
             summary = writing.result()
         except Exception as err:
             return fail(path, err)
+        mapped.append(summary["windows"]["classified"])
         top = sorted(summary["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"{path.name}: {summary['windows']['classified']} of {summary['windows']['total']} windows "
                      f"classified in {summary['seconds']:.1f} s ({summary['windows_per_s']:.0f}/s); "
@@ -1026,7 +1027,7 @@ def map_images(args, device) -> list[str]:
 
     # While one image's windows are classified, the next image is opened and masked and the last
     # one's outputs are written, beside it: a folder's images follow each other without a gap
-    start, windows, writing = time.perf_counter(), 0, None
+    start, writing = time.perf_counter(), None
     with ThreadPoolExecutor(max_workers=2) as side:
         planned = side.submit(plan_map, todo[0], predictor, args) if todo else None
         for i, path in enumerate(todo):
@@ -1036,7 +1037,6 @@ def map_images(args, device) -> list[str]:
             except Exception as err:
                 fail(path, err)
                 continue
-            windows += len(plan["origins"])
             if writing:
                 finish(*writing)
             writing = path, side.submit(write_map, path, plan, predictor, args.checkpoints[0], out_dir)
@@ -1044,8 +1044,8 @@ def map_images(args, device) -> list[str]:
             finish(*writing)
     if len(todo) > 1:
         seconds = time.perf_counter() - start
-        lines.append(f"{len(todo) - len(failed)} of {len(todo)} images mapped in {seconds:.1f} s, outputs included: "
-                     f"{windows} windows, {windows / seconds:.0f} windows/s")
+        lines.append(f"{len(mapped)} of {len(todo)} images mapped in {seconds:.1f} s, outputs included: "
+                     f"{sum(mapped)} windows, {sum(mapped) / seconds:.0f} windows/s")
         print(lines[-1], flush=True)
     if failed:
         raise mpkd.UserError(f"{len(failed)} of {len(images)} images failed: "
