@@ -757,9 +757,8 @@ class PlainImage:
         return self.image.crop((x, y, x + width, y + height))
 
     def thumbnail(self, side: int) -> Image.Image:
-        scale = min(1.0, side / max(self.image.size))
-        return self.image.resize((max(1, round(self.image.width * scale)), max(1, round(self.image.height * scale))),
-                                 Image.BILINEAR, reducing_gap=1.0)  # box-reduced first: 2.6x faster than thumbnail()
+        """At least `side` px long: box averages over a whole number of pixels (1.8x faster than a resize)."""
+        return self.image.reduce(max(1, max(self.image.size) // side))
 
 
 class Slide:
@@ -786,13 +785,23 @@ class Slide:
         return self.slide.get_thumbnail((side, side)).convert("RGB")
 
 
+def tiled_tiff(path: Path) -> bool:
+    """Whether a TIFF's first image is stored in tiles, as every slide format in a TIFF is (OpenSlide
+    refuses one in strips), from its header alone; True where PIL cannot parse it, for OpenSlide to try."""
+    try:
+        with Image.open(path) as img:
+            return 322 in getattr(img, "tag_v2", {})  # TileWidth
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return True
+
+
 def open_map_image(path: Path):
     """A Slide for slide formats and for TIFFs OpenSlide recognises (tiled, pyramidal), else a
-    PlainImage."""
+    PlainImage (a TIFF in strips is one without importing OpenSlide: 0.04 s of each run)."""
     suffix = path.suffix.lower()
     if suffix in SLIDE_SUFFIXES:
         return Slide(path, import_openslide())
-    if suffix in (".tif", ".tiff"):
+    if suffix in (".tif", ".tiff") and tiled_tiff(path):
         try:
             openslide = import_openslide()
         except mpkd.UserError:
@@ -866,10 +875,11 @@ def plan_map(path: Path, predictor: dict, args) -> dict:
     level = mpkd.pick_level(list(reader.downsamples), mpp, tile_um / predictor["size"])
     width, height = reader.dimensions[0]
     origins = mpkd.window_origins(width, height, window, stride)
-    thumb = np.asarray(reader.thumbnail(mpkd.thumbnail_side(width, height, window)))
-    mask, threshold = mpkd.tissue_mask(thumb)
-    share = mpkd.tissue_share(mask, thumb.shape[1] / width, origins, window)
-    return {"reader": reader, "thumbnail": thumb, "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
+    thumb = reader.thumbnail(mpkd.thumbnail_side(width, height, window))
+    coarse = thumb.reduce(max(1, int(thumb.width / width * window / mpkd.MASK_PX)))  # the overlay needs more
+    mask, threshold = mpkd.tissue_mask(np.asarray(coarse))
+    share = mpkd.tissue_share(mask, coarse.width / width, origins, window)
+    return {"reader": reader, "thumbnail": np.asarray(thumb), "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
             else "metadata", "level": level, "level_mpp": mpp * reader.downsamples[level], "window": window,
             "stride": stride, "read_px": max(1, round(window / reader.downsamples[level])), "tile_um": tile_um,
             "todo": origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE], "n_windows": len(origins),

@@ -1761,6 +1761,19 @@ def test_windows_are_a_levels_own_pixels_not_interpolated(tmp_path):
     assert np.array_equal(got.numpy(), np.stack(want))
 
 
+def test_a_tiff_in_strips_is_a_plain_image_without_openslide(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 200), (200, 40, 90)).save(tmp_path / "strips.tif", resolution_unit=3, resolution=1e4 / 0.5)
+    monkeypatch.setattr(evaluate, "import_openslide", lambda: pytest.fail("OpenSlide imported for a TIFF in strips"))
+    reader = evaluate.open_map_image(tmp_path / "strips.tif")
+    assert isinstance(reader, evaluate.PlainImage) and reader.mpp == pytest.approx(0.5)
+    assert reader.thumbnail(100).size == (100, 67) and reader.thumbnail(1024).size == (300, 200)  # never enlarged
+    (tmp_path / "broken.tif").write_bytes(b"II*\0")  # a header, nothing more
+    assert evaluate.tiled_tiff(tmp_path / "broken.tif")  # PIL cannot tell: OpenSlide is asked
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "tiles.tif", np.zeros((256, 256, 3), np.uint8), tile=(128, 128), photometric="rgb")
+    assert evaluate.tiled_tiff(tmp_path / "tiles.tif") and not evaluate.tiled_tiff(tmp_path / "strips.tif")
+
+
 def test_unscanned_slide_area_is_read_as_glass():
     class Scan:  # what OpenSlide gives where a slide has no scanned tiles (MIRAX, ...): transparent
         def read_region(self, location, level, size):
