@@ -722,7 +722,7 @@ def images_report(pred, out) -> list[str]:
 # for slide formats); the pure arithmetic lives in mpkd's tissue-map section
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-MAP_BATCH = 256  # windows read and classified at a time; reading runs one batch ahead
+MAP_BATCH = 256  # windows read and classified at a time (an image's first: a quarter); reading runs one batch ahead
 SLIDE_CACHE = 256 * 2 ** 20  # bytes of decoded slide tiles OpenSlide keeps (its default is 32 MiB)
 OVERLAY_WIDTH = 1600  # width of NAME_overlay.png (thumbnail and map side by side)
 
@@ -844,16 +844,18 @@ def window_batches(reader, origins: np.ndarray, plan: dict, size: int, pool):
         region = reader.read(x, y, level, span, read_px)
         return [mpkd.model_input(region.crop((o, 0, o + read_px, read_px)), size) for o in offsets]
 
-    starts = range(0, len(origins), MAP_BATCH)
-    def submit(first):
-        batch = origins[first:first + MAP_BATCH]
+    n = len(origins)  # a small first batch: classifying starts a few windows after opening, not MAP_BATCH
+    edges = sorted({0, n, *range(min(MAP_BATCH // 4, n), n, MAP_BATCH)})
+    spans = list(zip(edges, edges[1:]))
+    def submit(span):
+        batch = origins[span[0]:span[1]]
         return pool.map(read, [batch[run] for run in window_runs(batch, stride)])
 
-    pending = [submit(s) for s in starts[:2]]
-    for i in range(len(starts)):
+    pending = [submit(s) for s in spans[:2]]
+    for i in range(len(spans)):
         batch = torch.from_numpy(np.stack([w for run in pending[i] for w in run]))
-        if i + 2 < len(starts):
-            pending.append(submit(starts[i + 2]))
+        if i + 2 < len(spans):
+            pending.append(submit(spans[i + 2]))
         pending[i] = None  # its windows are in `batch` now
         yield batch
 
@@ -940,8 +942,11 @@ def map_picture(cells: np.ndarray, classes: list[str], title: str) -> Image.Imag
 
 
 def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.Image:
-    """The thumbnail beside the thumbnail with the map laid over it (classified cells only)."""
+    """The thumbnail beside the thumbnail with the map laid over it (classified cells only), at most
+    OVERLAY_WIDTH wide and high: a picture to look at; the CSV and GeoJSON hold the detail."""
     thumb = Image.fromarray(plan["thumbnail"])
+    fit = min(1.0, (OVERLAY_WIDTH - 10) / 2 / thumb.width, OVERLAY_WIDTH / thumb.height)
+    thumb = thumb.resize((max(1, round(thumb.width * fit)), max(1, round(thumb.height * fit))), Image.BILINEAR)
     scale = thumb.width / plan["size"][0]
     rows, cols = cells.shape
     palette = np.array([mpkd.class_colour(c) + (150,) for c in classes] + [(0, 0, 0, 0)], np.uint8)
@@ -953,7 +958,6 @@ def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.
     out = Image.new("RGB", (thumb.width * 2 + 10, thumb.height), "white")
     out.paste(thumb, (0, 0))
     out.paste(over.convert("RGB"), (thumb.width + 10, 0))
-    out.thumbnail((OVERLAY_WIDTH, OVERLAY_WIDTH))  # a picture to look at; the CSV and GeoJSON hold the detail
     return out
 
 

@@ -1761,6 +1761,23 @@ def test_windows_are_a_levels_own_pixels_not_interpolated(tmp_path):
     assert np.array_equal(got.numpy(), np.stack(want))
 
 
+def test_an_images_windows_come_in_order_the_first_few_in_a_small_batch():
+    class Columns:  # each pixel holds its column, so a window shows where it was read
+        downsamples = [1.0]
+
+        def read(self, x, y, level, width, height):
+            row = (np.arange(x, x + width) % 256).astype(np.uint8)
+            return Image.fromarray(np.repeat(np.repeat(row[None, :, None], height, 0), 3, 2))
+
+    origins = np.array([[x, 0] for x in range(0, 400 * 4, 4)])
+    plan = {"level": 0, "read_px": 4, "stride": 4}
+    with evaluate.ThreadPoolExecutor(2) as pool:
+        batches = list(evaluate.window_batches(Columns(), origins, plan, 4, pool))
+        assert list(evaluate.window_batches(Columns(), origins[:0], plan, 4, pool)) == []
+    assert [len(b) for b in batches] == [evaluate.MAP_BATCH // 4, evaluate.MAP_BATCH, 400 - 5 * evaluate.MAP_BATCH // 4]
+    assert torch.cat(batches)[:, 0, 0, 0].tolist() == [x % 256 for x in origins[:, 0]]
+
+
 def test_a_tiff_in_strips_is_a_plain_image_without_openslide(tmp_path, monkeypatch):
     Image.new("RGB", (300, 200), (200, 40, 90)).save(tmp_path / "strips.tif", resolution_unit=3, resolution=1e4 / 0.5)
     monkeypatch.setattr(evaluate, "import_openslide", lambda: pytest.fail("OpenSlide imported for a TIFF in strips"))
