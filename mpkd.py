@@ -1226,8 +1226,8 @@ def accumulate(sums: np.ndarray, counts: np.ndarray, cells: np.ndarray, probs: n
 
 
 def thumbnail_side(width: int, height: int, window: int) -> int:
-    """The longest side of the thumbnail that the tissue mask and the overlay are made from: MASK_PX
-    pixels per window, and at least 1024 (the overlay's detail), at most 4096 (its memory)."""
+    """The longest side of the thumbnail that the overlay is made from and the tissue mask reduced
+    from: MASK_PX pixels per window, and at least 1024 (the overlay's detail), at most 4096 (its memory)."""
     return int(np.clip(MASK_PX * max(width, height) / window, 1024, 4096))
 
 
