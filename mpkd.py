@@ -1159,7 +1159,7 @@ def kd_method(distill_weight: float, anchors: list[int], auto: bool = False) -> 
 
 DEFAULT_MPP = 0.495  # micrometres per pixel of Kather 2016's tiles (20x); NCT-CRC-HE-100K: 0.5
 TISSUE_SATURATION = (15, 38)  # Otsu's threshold on saturation (0-255) is clipped into this range
-MIN_TISSUE = 0.5  # a window is classified when at least this share of its thumbnail pixels is tissue
+MIN_TISSUE = 0.5  # a window is classified when at least this share of its mask pixels is tissue
 MASK_PX = 8  # at least this many mask pixels per window side judge a window's tissue share
 
 
@@ -1259,8 +1259,8 @@ def tissue_mask(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def tissue_share(mask: np.ndarray, scale: float, origins: np.ndarray, window: int) -> np.ndarray:
-    """The share of tissue pixels in each window's footprint on the thumbnail mask (thumbnail pixels
-    per level-0 pixel: `scale`): (n,) in [0, 1]."""
+    """The share of tissue pixels in each window's footprint on the mask (mask pixels per level-0
+    pixel: `scale`): (n,) in [0, 1]."""
     integral = np.pad(mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))  # < 2**31 px
     h, w = mask.shape
     x0 = np.clip((origins[:, 0] * scale).astype(np.int64), 0, w - 1)
