@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -743,9 +744,14 @@ class PlainImage:
     carry none that can be trusted: their dpi are screen values)."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as f:  # our file, so that closing it keeps the decoded image
-            img = Image.open(f)
-            img.load()  # decoded once, before the reading threads start
+        try:
+            with open(path, "rb") as f:  # our file, so that closing it keeps the decoded image
+                img = Image.open(f)
+                img.load()  # decoded once, before the reading threads start
+        except Image.DecompressionBombError:  # PIL's limit: 179 million pixels, 0.5 GB as RGB
+            raise mpkd.UserError(f"{path.name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} million pixels "
+                                 f"in one piece, too many to hold whole: save it as a tiled, pyramidal TIFF (e.g. "
+                                 f"vips tiffsave --tile --pyramid) and map that, read region by region") from None
         self.image = img if img.mode == "RGB" else img.convert("RGB")
         tags = getattr(img, "tag_v2", {})
         unit, resolution = tags.get(296), tags.get(282)  # ResolutionUnit, XResolution (pixels per unit)
@@ -1014,6 +1020,7 @@ def map_images(args, device) -> list[str]:
     if not (args.tile_um or predictor["tile_um"]):
         raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size (made before --mpp): "
                              f"pass --tile-um, the tiles' width in micrometres (Kather 2016: 150 px x 0.495 = 74.25)")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # large is what a map is for
     lines, failed, todo, mapped = [], {}, [], []  # mapped: windows classified per image whose outputs are written
     for path in images:
         done = out_dir / f"{path.stem}_summary.json"

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1742,6 +1743,21 @@ def test_missing_mpp_is_named_and_the_other_images_go_on(map_model, tmp_path, ca
     _map(map_model, folder, tmp_path / "maps", "--image-mpp", 0.495)
     assert "done before" in capsys.readouterr().out  # b was done already; a is done now
     assert (tmp_path / "maps" / "a_summary.json").exists()
+
+
+def test_a_plain_image_too_large_to_hold_is_one_clear_line(map_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 80)  # PIL's limit (89 million pixels), scaled down
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, layout in (("large.tif", LAYOUT[:2, :3]), ("huge.tif", LAYOUT[:4, :4])):  # 9600 and 25,600 px
+        Image.fromarray(_layout_pixels(layout, 40)).save(folder / name, resolution_unit=3, resolution=1e4 / 0.495)
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(
+            mpkd.UserError, match=r"1 of 2 images failed: huge.tif \(huge.tif has more than 0 million pixels in one "
+                                  r"piece, too many to hold whole: save it as a tiled, pyramidal TIFF"):
+        warnings.simplefilter("always")
+        _map(map_model, folder, tmp_path / "maps")
+    assert (tmp_path / "maps" / "large_summary.json").exists()  # above the warning's limit: mapped, no warning
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_windows_are_a_levels_own_pixels_not_interpolated(tmp_path):
