@@ -751,7 +751,8 @@ class PlainImage:
         except Image.DecompressionBombError:  # PIL's limit: 179 million pixels, 0.5 GB as RGB
             raise mpkd.UserError(f"{path.name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} million pixels "
                                  f"in one piece, too many to hold whole: save it as a tiled, pyramidal TIFF (e.g. "
-                                 f"vips tiffsave --tile --pyramid) and map that, read region by region") from None
+                                 f"vips tiffsave --tile --pyramid) and map that through OpenSlide (pip install "
+                                 f"openslide-python openslide-bin), region by region") from None
         self.image = img if img.mode == "RGB" else img.convert("RGB")
         tags = getattr(img, "tag_v2", {})
         unit, resolution = tags.get(296), tags.get(282)  # ResolutionUnit, XResolution (pixels per unit)
