@@ -749,7 +749,7 @@ class PlainImage:
                 img = Image.open(f)
                 img.load()  # decoded once, before the reading threads start
         except Image.DecompressionBombError:  # PIL's limit: 179 million pixels, 0.5 GB as RGB
-            raise mpkd.UserError(f"{path.name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} million pixels "
+            raise mpkd.UserError(f"{path.name} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
                                  f"in one piece, too many to hold whole: save it as a tiled, pyramidal TIFF (e.g. "
                                  f"vips tiffsave --tile --pyramid) and map that through OpenSlide (pip install "
                                  f"openslide-python openslide-bin), region by region") from None
@@ -798,7 +798,7 @@ def tiled_tiff(path: Path) -> bool:
     try:
         with Image.open(path) as img:
             return 322 in getattr(img, "tag_v2", {})  # TileWidth
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except mpkd.UNREADABLE:
         return True
 
 

@@ -42,6 +42,7 @@ KATHER_MD5 = "0ddbebfc56344752028fda72602aaade"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
 IGNORED_NAMES = ("__MACOSX",)  # besides every path component that starts with a dot
 SLIDE_PATTERN = re.compile(r"CRC-Prim-HE-\d+")  # Kather 2016 names carry their source slide
 NETWORK_NAMES = {"mixnet_s": "MixNet-S", "mixnet_m": "MixNet-M", "mixnet_l": "MixNet-L"}
@@ -356,7 +357,7 @@ def _decode_into(job: tuple) -> list[tuple[str, str]]:
         try:
             with Image.open(Path(root) / name) as img:
                 rows[i] = model_input(img, size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             bad.append((name, str(err) or type(err).__name__))
     return bad
 
@@ -625,7 +626,7 @@ def check_images_open(data: dict) -> None:
             with Image.open(Path(data["root"]) / name) as img:
                 img.verify()
             return None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             return f"{name} ({err or type(err).__name__})"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

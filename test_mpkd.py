@@ -1752,7 +1752,7 @@ def test_a_plain_image_too_large_to_hold_is_one_clear_line(map_model, tmp_path, 
     for name, layout in (("large.tif", LAYOUT[:2, :3]), ("huge.tif", LAYOUT[:4, :4])):  # 9600 and 25,600 px
         Image.fromarray(_layout_pixels(layout, 40)).save(folder / name, resolution_unit=3, resolution=1e4 / 0.495)
     with warnings.catch_warnings(record=True) as seen, pytest.raises(
-            mpkd.UserError, match=r"1 of 2 images failed: huge.tif \(huge.tif has more than 0 million pixels in one "
+            mpkd.UserError, match=r"1 of 2 images failed: huge.tif \(huge.tif has more than 12,800 pixels in one "
                                   r"piece, too many to hold whole: save it as a tiled, pyramidal TIFF"):
         warnings.simplefilter("always")
         _map(map_model, folder, tmp_path / "maps")
