@@ -1529,6 +1529,16 @@ def test_merged_mixed_convs_compute_what_the_network_computes(name):
     assert (depthwise.kernel_size, depthwise.groups, depthwise.padding) == ((5, 5), 4, (2, 2))
 
 
+def test_onnx_logits_classify_every_image_once_in_order_across_chunks(exported):
+    session, meta = evaluate.open_onnx(exported / "student.onnx")
+    n, size = 2 * evaluate.ONNX_CHUNK + 3, int(meta["img_size"])  # two whole calls and a short one
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    one_by_one = [session.run(["logits"], {"images": img.permute(1, 2, 0)[None].numpy()})[0][0] for img in images]
+    got = evaluate.onnx_logits(session, images)
+    assert got.shape == (n, len(json.loads(meta["classes"])))
+    assert np.allclose(got.numpy(), np.stack(one_by_one), atol=1e-4)
+
+
 def test_onnx_benchmark_times_both_runtimes_and_leaves_the_model_alone(exported, student):
     import onnxruntime as ort
     ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
