@@ -76,6 +76,11 @@ def get_args(argv=None):
     p.add_argument("--mpp", type=float, default=mpkd.DEFAULT_MPP,
                    help="microns per pixel of the training tiles (Kather 2016: 0.495; NCT-CRC-HE-100K: "
                         "0.5), recorded with the tiles' size for tissue maps")
+    p.add_argument("--stain-augment", type=float, nargs="?", const=mpkd.STAIN_AUGMENT, default=None,
+                   metavar="STRENGTH",
+                   help="jitter each training image's haematoxylin, eosin and DAB (Tellez et al.'s HED "
+                        "augmentation): scale by U(1-s, 1+s) and shift by U(-s, s) in optical density "
+                        f"per stain; the flag alone: s = {mpkd.STAIN_AUGMENT} (default off, as in the paper)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
@@ -211,6 +216,7 @@ def main(args):
                    after_epoch=after_epoch, say=print, extra=start)
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
     checkpoint["tile"] = mpkd.tile_record(data, args.mpp)  # the field of view, for tissue maps
+    checkpoint["stain"] = mpkd.stain_record(train["images"])  # the target of evaluate.py --stain-norm
     if anchors:  # the stored teacher epoch each student epoch followed, as chosen or scheduled
         checkpoint["schedule"] = [r["teacher_epoch"] for r in run["history"]]
     mpkd.save_atomic(checkpoint, args.out)

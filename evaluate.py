@@ -9,6 +9,7 @@ significance tests and pictures; or predict a folder of new tiles, or map large 
     python evaluate.py student.pt --export student.onnx --benchmark    # one deployable file, measured
     python evaluate.py student.onnx --images new_tiles/                # the exported file on new tiles
     python evaluate.py student.onnx --map slides/ --out-dir maps      # tissue maps of slides or large images
+    python evaluate.py teacher.pt student.pt --external crc-val-he-7k  # another lab's tiles, at their scale
 
 Each checkpoint carries its network, classes, image size, split settings and data folder, so no
 flag is needed; a checkpoint whose classes or training files do not match --data is refused. Every
@@ -41,6 +42,7 @@ ROW_COLOURS = {"teacher": "#444444", "student alone": "#1f77b4", "vanilla KD": "
                "Multi-Part KD": "#2ca02c", "Multi-Part KD, auto anchors": "#9467bd"}
 TABLE2_PAIRS = [("Multi-Part KD", "vanilla KD"), ("vanilla KD", "student alone"),
                 ("Multi-Part KD", "student alone"), ("Multi-Part KD, auto anchors", "Multi-Part KD")]
+STAIN_AUGMENTED = ", stain-augmented"  # appended to the row of a checkpoint trained with --stain-augment
 IMAGES_CHUNK = 1024  # tiles decoded and predicted at a time by --images: memory stays flat
 
 
@@ -76,10 +78,29 @@ def get_args(argv=None):
     p.add_argument("--stride", type=float, default=None, metavar="UM",
                    help="--map: step between windows in micrometres (unset: the window, no overlap; "
                         "Kather 2016 used a third of it); overlapping windows are averaged per cell")
+    p.add_argument("--external", default=None, metavar="DIR",
+                   help="score the checkpoints on another lab's class folders, every image a test tile; "
+                        f"or a named set, fetched into data/ on first use: {', '.join(mpkd.EXTERNAL_SETS)}")
+    p.add_argument("--class-map", default=None, metavar="FILE.csv",
+                   help="--external: rows of (folder in DIR, checkpoint class); several folders to one "
+                        "class allowed, a folder left unmapped is skipped (unset: folder names are classes)")
     p.add_argument("--image-mpp", type=float, default=None,
-                   help="--map: microns per pixel of the images, where their metadata has none")
+                   help="microns per pixel of the --external, --images or --map images (unset: for --map "
+                        "their metadata; for tiles the training tiles' scale, i.e. resized whole)")
+    p.add_argument("--scale-rule", choices=mpkd.SCALE_RULES, default=None,
+                   help="--external and --images with a known scale: crop (the training field of view at "
+                        "the training scale, centred), cover (the fewest such fields covering the tile, "
+                        "logits averaged), whole (the tile at the training scale, one larger input), or "
+                        "resize (squeezed whole; what runs without a scale) (unset: crop)")
+    p.add_argument("--stain-norm", choices=("macenko", "macenko-tile"), default=None,
+                   help="--external, --images, --map: restain to the training tiles' stain (recorded in "
+                        "the checkpoint) or --stain-ref's, Macenko's method with the stain estimated over "
+                        "the folder or large image (macenko) or per tile (macenko-tile)")
+    p.add_argument("--stain-ref", default=None, metavar="IMAGE",
+                   help="--stain-norm: the image whose stain is the target (unset: the checkpoint's)")
     p.add_argument("--tile-um", type=float, default=None,
-                   help="--map: the training tiles' width in micrometres (unset: as the model records it)")
+                   help="--map, --external, --images: the training tiles' width in micrometres (unset: as "
+                        "the model records it)")
     p.add_argument("--no-mask", action="store_true",
                    help="--map: classify every window, background too (else only tissue windows)")
     p.add_argument("--overwrite", action="store_true", help="--map: redo images that are done")
@@ -322,29 +343,41 @@ def evaluate_checkpoint(path, args, device, cache) -> dict:
     data, part = test_part(ckpt, path, args, device, cache)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
     precision = mpkd.pick_precision(device, args.amp)
-    logits = mpkd.predict(model, part["images"], precision)
-    classes, labels = ckpt["identity"]["classes"], part["labels"].tolist()
-    predicted = logits.argmax(1).tolist()
-    report = classification_report(labels, predicted, len(classes))
-    outcomes = [p == t for p, t in zip(predicted, labels)]
-    row = {"checkpoint": str(path), "method": ckpt["method"], "network": mpkd.network_name(ckpt["model"]),
-           "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"], "correct": sum(outcomes),
-           "n_test": len(outcomes), "accuracy_ci95": list(wilson_interval(sum(outcomes), len(outcomes))),
-           "params_m": mpkd.count_params(model) / 1e6, "size_mb": mpkd.model_size_mb(model),
-           "classes": classes, "report": report, "precision": precision,
-           "data": {"folder": data["root"], **ckpt["identity"]},  # what the numbers were made on
-           "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]],
-           "test_key": [data["root"], mpkd.fingerprint(part["files"], labels)],
-           "outcomes": outcomes, "files": part["files"], "labels": labels, "predicted": predicted,
-           "groups": part.get("groups"),
-           "probs": torch.softmax(logits, 1).cpu().tolist(), "history": ckpt["history"]}
+    labels = part["labels"].tolist()
+    row = score_row(path, ckpt, model, mpkd.predict(model, part["images"], precision), labels, part["files"],
+                    {"folder": data["root"], **ckpt["identity"]}, [data["root"], mpkd.fingerprint(part["files"], labels)])
+    row.update(precision=precision, groups=part.get("groups"))
     if args.benchmark:
         row["benchmark"] = benchmark(model, ckpt["identity"]["img_size"], device, precision,
                                      ckpt["args"]["batch_size"])
     return row
 
 
-PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history", "groups")  # not in the JSON
+def method_name(ckpt: dict) -> str:
+    """A checkpoint's row: its Table II method, marked where it trained with stain augmentation (so
+    that it is never averaged with the paper's rows)."""
+    return ckpt["method"] + (STAIN_AUGMENTED if ckpt["args"].get("stain_augment") else "")
+
+
+def score_row(path, ckpt, model, logits, labels: list[int], files: list[str], data: dict, test_key: list) -> dict:
+    """The table row of a checkpoint's logits (N, C) on tiles of known classes: accuracy with its
+    Wilson interval, the per-class report, its size, and per tile outcome and probabilities.
+    `data` says what the numbers were made on; rows with equal `test_key` were tested on the same
+    tiles (McNemar)."""
+    classes, predicted = ckpt["identity"]["classes"], logits.argmax(1).tolist()
+    report = classification_report(labels, predicted, len(classes))
+    outcomes = [p == t for p, t in zip(predicted, labels)]
+    return {"checkpoint": str(path), "method": method_name(ckpt), "network": mpkd.network_name(ckpt["model"]),
+            "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"], "correct": sum(outcomes),
+            "n_test": len(outcomes), "accuracy_ci95": list(wilson_interval(sum(outcomes), len(outcomes))),
+            "params_m": mpkd.count_params(model) / 1e6, "size_mb": mpkd.model_size_mb(model),
+            "classes": classes, "report": report, "data": data, "groups": None,
+            "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]], "test_key": test_key,
+            "outcomes": outcomes, "files": files, "labels": labels, "predicted": predicted,
+            "probs": torch.softmax(logits.float(), 1).cpu().tolist(), "history": ckpt["history"]}
+
+
+PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history", "groups", "folders")  # not in the JSON
 
 
 def export_checkpoint(path, args, device, cache) -> dict:
@@ -356,6 +389,19 @@ def export_checkpoint(path, args, device, cache) -> dict:
     if args.benchmark:
         exported["benchmark"] = onnx_benchmark(exported["session"], model, exported["size"])
     return exported
+
+
+def base_method(method: str) -> str:
+    """A row's Table II method, without the mark of stain augmentation."""
+    return method.removesuffix(STAIN_AUGMENTED)
+
+
+def table2_pair(a: str, b: str) -> int | None:
+    """The place of rows (a, b) among the Table II pairs McNemar's test is printed for: the same
+    pair of methods, both trained with stain augmentation or both without; None for other pairs."""
+    same_kind = (a == base_method(a)) == (b == base_method(b))
+    pair = (base_method(a), base_method(b))
+    return TABLE2_PAIRS.index(pair) if same_kind and pair in TABLE2_PAIRS else None
 
 
 def table_lines(rows, summary, paired, tests):
@@ -376,14 +422,16 @@ def table_lines(rows, summary, paired, tests):
                      f"{b['kd_step_images_per_s'] / b['train_step_images_per_s']:>7.3f}")
         lines.append(line + f"  {r['checkpoint']}")
     scored = " and ".join(dict.fromkeys(r["precision"] for r in rows))
-    lines.append(f"(scored in {scored}; 95% Wilson score intervals over the {rows[0]['n_test']} test tiles)")
+    external = rows[0]["data"].get("external")
+    tiles = f"tiles of {external['folder']}" if external else "test tiles"
+    lines.append(f"(scored in {scored}; 95% Wilson score intervals over the {rows[0]['n_test']} {tiles})")
     table_pairs = []
     for t in (t for t in tests if t["same_seed"]):
         a, b, na, nb = t["a_method"], t["b_method"], t["only_a"], t["only_b"]
-        if (b, a) in TABLE2_PAIRS:  # read the pair the way Table II does
+        if table2_pair(b, a) is not None:  # read the pair the way Table II does
             a, b, na, nb = b, a, nb, na
-        if (a, b) in TABLE2_PAIRS:
-            table_pairs.append((t["seed_a"], TABLE2_PAIRS.index((a, b)), a, b, na, nb, t["p"]))
+        if table2_pair(a, b) is not None:
+            table_pairs.append((t["seed_a"], table2_pair(a, b), a, b, na, nb, t["p"]))
     if table_pairs:
         lines += ["", "McNemar's exact test on the same test tiles (A / B: tiles only A / only B gets right)"]
         lines += [f"  seed {seed}: {a} vs {b}: {na} / {nb}, two-sided p = {p:.3g}"
@@ -444,12 +492,263 @@ def test_predictions_csv(rows, path) -> None:
     and the tile's group (slide or patient) where the split is by group or slide."""
     classes = rows[0]["classes"]
     grouped = any(r["groups"] for r in rows)
-    write_csv(["checkpoint", "file", *(["group"] if grouped else []), "true", "predicted",
-               *(f"p_{c}" for c in classes)],
-              [[r["checkpoint"], f, *([g] if grouped else []), classes[t], classes[p], *pr]
-               for r in rows for f, g, t, p, pr in zip(r["files"], r["groups"] or [""] * len(r["files"]),
-                                                       r["labels"], r["predicted"], r["probs"])],
+    external = rows[0]["data"].get("external")  # and of external tiles: their folder, the scale rule
+    extra = ["group"] if grouped else ["folder", "scale_rule"] if external else []
+    def more(r, i):
+        return [r["groups"][i]] if grouped else [r["folders"][i], external["rule"]] if external else []
+
+    write_csv(["checkpoint", "file", *extra, "true", "predicted", *(f"p_{c}" for c in classes)],
+              [[r["checkpoint"], f, *more(r, i), classes[t], classes[p], *pr]
+               for r in rows for i, (f, t, p, pr) in enumerate(zip(r["files"], r["labels"], r["predicted"], r["probs"]))],
               path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stain normalisation at prediction (--stain-norm, for --external, --images and --map): Macenko's
+# method (mpkd's stain section), to the stain the checkpoint recorded of its training tiles
+
+
+def stain_target(args, recorded: dict | None, model_path) -> dict | None:
+    """The stain --stain-norm restains to, with where it comes from: --stain-ref IMAGE's, else the
+    stain of the model's training tiles, recorded at training. None without --stain-norm."""
+    if not args.stain_norm:
+        return None
+    if args.stain_ref:
+        try:
+            with Image.open(args.stain_ref) as img:
+                pixels = torch.from_numpy(np.asarray(img.convert("RGB")).reshape(-1, 3).copy())
+            return {**mpkd.macenko_fit(pixels), "from": f"--stain-ref {args.stain_ref}"}
+        except mpkd.UNREADABLE as err:
+            raise mpkd.UserError(f"--stain-ref {args.stain_ref} does not open as an image ({err})") from None
+        except ValueError as err:
+            raise mpkd.UserError(f"--stain-ref {args.stain_ref}: {err}; choose an image of stained tissue") from None
+    if not recorded:
+        raise mpkd.UserError(f"{model_path} records no stain of its training tiles (trained before "
+                             f"--stain-norm existed, or on tiles too pale to estimate): pass --stain-ref "
+                             f"IMAGE, e.g. a training tile")
+    return {**recorded, "from": f"the training tiles of {Path(str(model_path)).name}"}
+
+
+def folder_stain(chunks) -> dict:
+    """The stain of a folder of tiles, from chunks (lists) of uint8 (N, 3, H, W) views, a sample of
+    each chunk's pixels kept at a time (memory stays flat)."""
+    try:
+        return mpkd.macenko_fit(torch.cat([mpkd.pixels_of(*views) for views in chunks if views]))
+    except ValueError as err:
+        raise mpkd.UserError(f"--stain-norm macenko: the tiles hold too little stained tissue ({err})") from None
+
+
+def stain_normalised(groups, target: dict, mode: str, source: dict | None = None):
+    """Views grouped by shape (decode_views), restained to `target`: from the stain estimated over
+    all of them, or given as `source` (macenko: one folder, one lab), or per view (macenko-tile);
+    and what was done."""
+    if mode == "macenko" and source is None:
+        source = folder_stain([[views for views, _ in groups]])
+    out, unchanged = [], 0
+    for views, owner in groups:
+        views, left = mpkd.normalise_stain(views, source, target)
+        out.append((views, owner))
+        unchanged += left
+    return out, {"stain_target_from": target["from"], "stain_target": target, "stain_source": source,
+                 "stain_unchanged": unchanged}
+
+
+# ----------------------------------------------------------------------------------------------
+# External test sets (--external): another lab's class folders, every image a test tile, its
+# folder names mapped to the checkpoint's classes and its tiles brought to the checkpoint's scale
+
+
+def external_folder(args) -> tuple[Path, str | None]:
+    """The folder --external names, and the named set it is (fetched into data/ on first use)."""
+    if args.external in mpkd.EXTERNAL_SETS:
+        known = mpkd.EXTERNAL_SETS[args.external]
+        if not Path(known["folder"]).is_dir():
+            mpkd.fetch_zip(known["folder"], known["url"], known["md5"], known["page"])
+        return Path(known["folder"]), args.external
+    if not Path(args.external).is_dir():
+        raise mpkd.UserError(f"--external {args.external} is neither a folder of class folders nor a named "
+                             f"set ({', '.join(mpkd.EXTERNAL_SETS)})")
+    return Path(args.external), None
+
+
+def external_set(args, classes: list[str]) -> dict:
+    """The external tiles: files, the folder and mapped class of each, the class map and the
+    folders it skips, and the scale rule that brings them to the checkpoint's scale."""
+    root, name = external_folder(args)
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not mpkd.ignored(d.name))
+    if not folders:
+        raise mpkd.UserError(f"--external {root} holds no class folders (<folder>/<image>)")
+    known = mpkd.EXTERNAL_SETS.get(name, {})
+    as_named = {f: classes[i] for f in folders if (i := mpkd.find_class(f, classes)) is not None}
+    if args.class_map:
+        mapping, source = mpkd.read_class_map(args.class_map, folders, classes), str(args.class_map)
+    elif known and len(as_named) < len(folders):  # a model of other classes than the set's own
+        mapping, source = dict(known["class_map"]), f"{name}'s map to Kather 2016 (docs/crc-val-he-7k.csv)"
+        lacking = sorted({c for c in mapping.values() if mpkd.find_class(c, classes) is None})
+        if lacking:
+            raise mpkd.UserError(f"the checkpoint's classes ({', '.join(classes)}) are neither {name}'s nor "
+                                 f"Kather 2016's ({', '.join(lacking)} missing): pass --class-map FILE.csv")
+        mapping = {f: classes[mpkd.find_class(c, classes)] for f, c in mapping.items()}
+    else:
+        others = [f for f in folders if f not in as_named]
+        if others:
+            raise mpkd.UserError(f"folders {', '.join(others)} of {root} are not classes of the checkpoint "
+                                 f"({', '.join(classes)}): pass --class-map FILE.csv, rows of folder,class")
+        mapping, source = as_named, "folder names"
+    used = [f for f in folders if mapping.get(f)]
+    if not used:
+        raise mpkd.UserError(f"nothing in {root} is mapped to a class of the checkpoint: its folders are "
+                             f"{', '.join(folders)}, the classes {', '.join(classes)}; map some in --class-map")
+    files, folder_of = [], []
+    for f in used:
+        found = mpkd.list_images(root / f)
+        if not found:
+            raise mpkd.UserError(f"class folder {root / f} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)})")
+        files += [f"{f}/{x}" for x in found]
+        folder_of += [f] * len(found)
+    mpp = args.image_mpp or known.get("mpp")
+    return {"folder": str(root), "name": name, "files": files, "folders": folder_of,
+            "labels": [classes.index(mapping[f]) for f in folder_of], "classes": classes,
+            "class_map": {f: mapping.get(f) for f in folders}, "class_map_from": source,
+            "skipped": [f for f in folders if not mapping.get(f)], "image_mpp": mpp,
+            "mpp_from": "--image-mpp" if args.image_mpp else f"{name}'s scale" if mpp else None,
+            "rule": scale_rule(args, mpp)}
+
+
+def scale_rule(args, mpp: float | None) -> str:
+    """The scale rule tiles are brought to the model with: --scale-rule, crop where the tiles'
+    scale is known and resize (today's whole-tile squeeze) where it is not."""
+    if mpp is None and args.scale_rule not in (None, "resize"):
+        raise mpkd.UserError(f"--scale-rule {args.scale_rule} needs the tiles' scale: pass --image-mpp")
+    return args.scale_rule or ("crop" if mpp else "resize")
+
+
+def rule_line(rule: str, views: int, tiles: int) -> str:
+    """The scale rule that ran, in words."""
+    seen = {"crop": "the centred training field of view", "cover": "the mean over the fewest training fields "
+            "that cover it", "whole": "all of it at the training scale", "resize": "all of it squeezed into the "
+            "training size"}[rule]
+    return f"scale rule {rule}: the network saw of each tile {seen} ({views} views of {tiles} tiles)"
+
+
+def decode_views(root, files: list[str], size: int, rule: str, mpp: float | None, tile_um: float | None):
+    """Every file's views (mpkd.tile_views), grouped by shape: [(uint8 (m, 3, h, w), owner (m,))]
+    where owner is the index of each view's file; and {file: reason} of files that do not decode."""
+    def views(name):
+        try:
+            with Image.open(Path(root) / name) as img:
+                return mpkd.tile_views(img, size, rule, mpp, tile_um)
+        except mpkd.UNREADABLE as err:
+            return str(err) or type(err).__name__
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL resizes without the GIL
+        decoded = list(pool.map(views, files))
+    groups, bad = {}, {}
+    for i, (name, got) in enumerate(zip(files, decoded)):
+        if isinstance(got, str):
+            bad[name] = got
+            continue
+        for view in got:
+            group = groups.setdefault(view.shape, ([], []))
+            group[0].append(view)
+            group[1].append(i)
+    return [(torch.from_numpy(np.stack(v)), torch.tensor(o)) for v, o in groups.values()], bad
+
+
+def view_logits(logits_of, groups, n: int, tta: bool = False) -> torch.Tensor:
+    """Logits (n, C) of n tiles: the mean over each tile's views (and, with `tta`, their mirrors)."""
+    sums, counts = None, torch.zeros(n)
+    for views, owner in groups:
+        logits = logits_of(views).float()
+        if tta:  # the two views the teacher logits cover: the tile and its mirror
+            logits = (logits + logits_of(views.flip(3)).float()) / 2
+        sums = torch.zeros(n, logits.shape[1]) if sums is None else sums
+        sums.index_add_(0, owner, logits)
+        counts.index_add_(0, owner, torch.ones(len(owner)))
+    return sums / counts[:, None]
+
+
+def external_views(ext: dict, ckpt: dict, path, args, cache: dict):
+    """The external tiles as the checkpoint's inputs, decoded once per image size, field of view
+    and stain target; an unreadable tile stops the run before any scoring."""
+    size, tile_um = ckpt["identity"]["img_size"], args.tile_um or ckpt.get("tile", {}).get("um")
+    if ext["rule"] != "resize" and not tile_um:
+        raise mpkd.UserError(f"{path} records no training tile size (made before --mpp): pass --tile-um, "
+                             f"the training tiles' width in micrometres (Kather 2016: 74.25)")
+    target = stain_target(args, ckpt.get("stain"), path)
+    key = (size, tile_um if ext["rule"] != "resize" else None)
+    if key not in cache:
+        groups, bad = decode_views(ext["folder"], ext["files"], size, ext["rule"], ext["image_mpp"], tile_um)
+        if bad:
+            named = "; ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
+            raise mpkd.UserError(f"{len(bad)} of {len(ext['files'])} tiles under {ext['folder']} do not "
+                                 f"decode: {named}; remove or replace them")
+        cache[key] = groups
+    if target is None:
+        return cache[key], {"tile_um": tile_um}
+    stained = (key, json.dumps(target))
+    if stained not in cache:
+        cache[stained] = stain_normalised(cache[key], target, args.stain_norm)
+    return cache[stained][0], {"tile_um": tile_um, **cache[stained][1]}
+
+
+def evaluate_external(path, ext: dict, args, device, cache) -> dict:
+    """One row of the table on the external tiles (their mapped classes as the truth), with the
+    confusion of the set's folders (rows) against the checkpoint's classes."""
+    ckpt = load_checkpoint(path)
+    if ckpt["identity"]["classes"] != ext["classes"]:
+        raise mpkd.UserError(f"{path} has other classes than {args.checkpoints[0]}: score checkpoints of "
+                             f"one class list at a time")
+    groups, how = external_views(ext, ckpt, path, args, cache)
+    model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
+    precision = mpkd.pick_precision(device, args.amp)
+    logits = view_logits(lambda x: mpkd.predict(model, x.to(device), precision).cpu(), groups, len(ext["files"]))
+    settings = {k: ext[k] for k in ("folder", "name", "class_map", "class_map_from", "skipped", "image_mpp",
+                                    "mpp_from", "rule")}
+    settings.update(how, views=sum(len(o) for _, o in groups), stain_norm=args.stain_norm)
+    labels = ext["labels"]
+    row = score_row(path, ckpt, model, logits, labels, ext["files"], {"external": settings, **ckpt["identity"],
+                    "folder": ext["folder"]}, [ext["folder"], mpkd.fingerprint(ext["files"], labels),
+                                               ext["rule"], args.stain_norm, args.stain_ref])
+    folders = sorted(set(ext["folders"]))
+    confusion = np.zeros((len(folders), len(ext["classes"])), np.int64)
+    np.add.at(confusion, ([folders.index(f) for f in ext["folders"]], row["predicted"]), 1)
+    row.update(precision=precision, folders=ext["folders"],
+               folder_confusion={"folders": folders, "counts": confusion.tolist()})
+    return row
+
+
+def score_external(args, device) -> list[dict]:
+    """--external: every checkpoint's row on the external tiles, all read the same way."""
+    ext, cache = external_set(args, load_checkpoint(args.checkpoints[0])["identity"]["classes"]), {}
+    for folder in ext["skipped"]:
+        print(f"note: {Path(ext['folder']) / folder} is not mapped to a class of the checkpoint: skipped")
+    return [evaluate_external(path, ext, args, device, cache) for path in args.checkpoints]
+
+
+def external_lines(rows) -> list[str]:
+    """How the external tiles were read and mapped, and with one checkpoint its folders' confusion
+    with the classes."""
+    row = rows[0]
+    ext, classes = row["data"]["external"], row["classes"]
+    scale = (f"{ext['image_mpp']:g} um/px ({ext['mpp_from']})" if ext["image_mpp"] else
+             "unknown (no --image-mpp): each tile resized whole, as the training tiles were")
+    lines = ["", f"external tiles: {ext['folder']}" + (f" (the named set {ext['name']})" if ext["name"] else ""),
+             f"  scale {scale}; {rule_line(ext['rule'], ext['views'], row['n_test'])}",
+             f"  class map ({ext['class_map_from']}): " + ", ".join(f"{f} -> {c or 'skipped'}"
+                                                                   for f, c in ext["class_map"].items())]
+    if ext["stain_norm"]:
+        lines.append(f"  stain normalised ({ext['stain_norm']}) to {ext['stain_target_from']}"
+                     + (f"; {ext['stain_unchanged']} views with too little tissue left as they were"
+                        if ext.get("stain_unchanged") else ""))
+    if len(rows) > 1:
+        return lines
+    width = max(12, max(len(f) for f in row["folder_confusion"]["folders"]) + 2)
+    lines += ["", "external folders (rows) against the checkpoint's classes (columns)",
+              " " * width + "".join(f"{i:>6}" for i in range(len(classes)))]
+    lines += [f"{f:<{width}}" + "".join(f"{n:>6}" for n in counts)
+              for f, counts in zip(row["folder_confusion"]["folders"], row["folder_confusion"]["counts"])]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +789,7 @@ def plot_learning_curves(plt, rows, path) -> None:
     for r in rows:
         groups.setdefault(r["method"], []).append(r["history"])
     for method, histories in groups.items():
-        colour = ROW_COLOURS.get(method, None)
+        colour = ROW_COLOURS.get(base_method(method), None)
         for ax, key in zip(axes, keys):
             curves = [[(h["epoch"], h[key]) for h in hist if key in h] for hist in histories]
             curves = [c for c in curves if c]
@@ -520,19 +819,21 @@ def plot_learning_curves(plt, rows, path) -> None:
 
 def plot_confusion(plt, row, path) -> None:
     """Row-normalised confusion matrix as a heatmap, counts in the cells, class names on both axes."""
-    cm = np.asarray(row["report"]["confusion"])
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     classes, k = row["classes"], len(row["classes"])
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.75 * k), max(4.5, 1.2 + 0.7 * k)))
+    external = row.get("folder_confusion")  # external tiles: rows are the set's folders
+    cm = np.asarray(external["counts"] if external else row["report"]["confusion"])
+    names = external["folders"] if external else classes
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.75 * k), max(4.5, 1.2 + 0.7 * len(names))))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
+    for i in range(len(names)):
         for j in range(k):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_ylabel("folder of the external set" if external else "true")
     lo, hi = row["accuracy_ci95"]
     ax.set_title(f"{row['method']}, {row['checkpoint']}\naccuracy {row['accuracy']:.2f}% "
                  f"(95% CI {lo:.1f}-{hi:.1f})\ncounts; colour: share of the true class", fontsize=9)
@@ -570,7 +871,7 @@ def plot_table2(plt, rows, summary, path) -> None:
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(summary), 4.2))
     for x, s in enumerate(summary):
         accs = [r["accuracy"] for r in rows if (r["method"], r["network"]) == (s["method"], s["network"])]
-        colour = ROW_COLOURS.get(s["method"])
+        colour = ROW_COLOURS.get(base_method(s["method"]))
         jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
         ax.scatter(x + np.asarray(jitter), accs, color=colour, alpha=0.6, s=22, zorder=3)
         if s["n"] > 1:
@@ -649,18 +950,21 @@ def load_predictor(path, args, device) -> dict:
         session, meta = open_onnx(path)
         return {"classes": json.loads(meta["classes"]), "size": int(meta["img_size"]),
                 "tile_um": float(meta["tile_um"]) if meta.get("tile_um") else None,
+                "stain": json.loads(meta.get("stain") or "null"),
                 "identity": json.loads(meta["identity"]), "logits": lambda x: onnx_logits(session, x)}
     ckpt = load_checkpoint(path)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
     precision = mpkd.pick_precision(device, args.amp)
     return {"classes": ckpt["identity"]["classes"], "size": ckpt["identity"]["img_size"],
-            "tile_um": ckpt.get("tile", {}).get("um"), "identity": ckpt["identity"],
+            "tile_um": ckpt.get("tile", {}).get("um"), "identity": ckpt["identity"], "stain": ckpt.get("stain"),
             "logits": lambda x: mpkd.predict(model, x.to(device), precision).cpu()}
 
 
 def predict_folder(args, device) -> dict:
-    """Predict every image under args.images, in chunks (memory stays flat for any folder size);
-    an unreadable file is listed with its reason and the rest are predicted."""
+    """Predict every image under args.images, in chunks (memory stays flat for any folder size),
+    each brought to the model's scale by the scale rule (and restained with --stain-norm, the stain
+    estimated over the whole folder first); an unreadable file is listed with its reason and the
+    rest are predicted."""
     if len(args.checkpoints) != 1:
         raise mpkd.UserError(f"--images predicts with one checkpoint, {len(args.checkpoints)} given")
     folder = Path(args.images)
@@ -671,24 +975,33 @@ def predict_folder(args, device) -> dict:
         raise mpkd.UserError(f"--images {folder} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)}; "
                              f"hidden files are ignored)")
     predictor = load_predictor(args.checkpoints[0], args, device)
-    classes, size, logits_of = predictor["classes"], predictor["size"], predictor["logits"]
-    results, bad = [], {}
-    for first in range(0, len(files), IMAGES_CHUNK):
-        chunk = files[first:first + IMAGES_CHUNK]
-        images, errors = mpkd.decode_images(folder, chunk, size)
+    classes, size, rule = predictor["classes"], predictor["size"], scale_rule(args, args.image_mpp)
+    tile_um = args.tile_um or predictor["tile_um"]
+    if rule != "resize" and not tile_um:
+        raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size: pass --tile-um")
+    read = lambda chunk: decode_views(folder, chunk, size, rule, args.image_mpp, tile_um)
+    chunks = [files[i:i + IMAGES_CHUNK] for i in range(0, len(files), IMAGES_CHUNK)]
+    target = stain_target(args, predictor["stain"], args.checkpoints[0])
+    source = None
+    if args.stain_norm == "macenko":  # one estimate over the folder: a first pass over it
+        source = folder_stain([views for views, _ in read(chunk)[0]] for chunk in chunks)
+    results, bad, views, unchanged = [], {}, 0, 0
+    for i, chunk in enumerate(chunks):
+        groups, errors = read(chunk)
         bad.update(errors)
-        keep = [i for i, f in enumerate(chunk) if f not in errors]
-        if keep:
-            images = images[keep]
-            logits = logits_of(images)
-            if args.tta:  # the two views the teacher logits cover: the tile and its mirror
-                logits = (logits + logits_of(images.flip(3))) / 2
-            probs = torch.softmax(logits.float(), 1)
-            results += [(chunk[i], p) for i, p in zip(keep, probs)]
+        if target is not None:
+            groups, how = stain_normalised(groups, target, args.stain_norm, source)
+            unchanged += how["stain_unchanged"]
+        views += sum(len(o) for _, o in groups)
+        if groups:
+            probs = torch.softmax(view_logits(predictor["logits"], groups, len(chunk), args.tta), 1)
+            results += [(f, probs[j]) for j, f in enumerate(chunk) if f not in errors]
         if len(files) > IMAGES_CHUNK:
-            print(f"  {min(first + IMAGES_CHUNK, len(files))} / {len(files)} images", flush=True)
+            print(f"  {min((i + 1) * IMAGES_CHUNK, len(files))} / {len(files)} images", flush=True)
     return {"checkpoint": str(args.checkpoints[0]), "classes": classes, "results": results, "bad": bad,
-            "files": files}
+            "files": files, "scale": rule_line(rule, views, len(results)), "stain": target and
+            f"stain normalised ({args.stain_norm}) to {target['from']}"
+            + (f"; {unchanged} views with too little tissue left as they were" if unchanged else "")}
 
 
 def images_report(pred, out) -> list[str]:
@@ -709,7 +1022,8 @@ def images_report(pred, out) -> list[str]:
         if r[1]:
             counts[r[1]] += 1
     lines = [f"{len(pred['results'])} of {len(pred['files'])} images predicted with {pred['checkpoint']}; "
-             f"wrote {out}", "", f"{'predicted class':<24}{'images':>8}"]
+             f"wrote {out}", pred["scale"], *([pred["stain"]] if pred["stain"] else []), "",
+             f"{'predicted class':<24}{'images':>8}"]
     lines += [f"{c:<24}{n:>8}" for c, n in counts.items()]
     if pred["bad"]:
         lines += ["", f"{len(pred['bad'])} unreadable (listed in {out} with the reason): "
@@ -888,11 +1202,18 @@ def plan_map(path: Path, predictor: dict, args) -> dict:
     coarse = thumb.reduce(max(1, int(thumb.width / width * window / mpkd.MASK_PX)))  # the overlay needs more
     mask, threshold = mpkd.tissue_mask(np.asarray(coarse))
     share = mpkd.tissue_share(mask, coarse.width / width, origins, window)
+    stain = None  # --stain-norm macenko: the image's stain, estimated once from its tissue
+    if predictor["stain_target"] is not None and args.stain_norm == "macenko":
+        try:
+            stain = mpkd.macenko_fit(torch.from_numpy(np.asarray(coarse)[mask]))
+        except ValueError as err:
+            raise mpkd.UserError(f"{path.name} holds too little stained tissue to estimate its stain ({err})") from None
     return {"reader": reader, "thumbnail": np.asarray(thumb), "mpp": mpp, "mpp_from": "--image-mpp" if args.image_mpp
             else "metadata", "level": level, "level_mpp": mpp * reader.downsamples[level], "window": window,
             "stride": stride, "read_px": max(1, round(window / reader.downsamples[level])), "tile_um": tile_um,
             "todo": origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE], "n_windows": len(origins),
             "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()), "threshold": threshold, "size": (width, height),
+            "stain": stain,
             "setup_seconds": time.perf_counter() - start}
 
 
@@ -905,6 +1226,8 @@ def classify_windows(path: Path, plan: dict, predictor: dict, say) -> dict:
     last = start
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for batch in window_batches(reader, todo, plan, predictor["size"], pool):
+            if predictor["stain_target"] is not None:  # from the image's stain, or each window's own
+                batch = mpkd.normalise_stain(batch, plan["stain"], predictor["stain_target"])[0]
             probs.append(torch.softmax(predictor["logits"](batch).float(), 1).numpy())
             done, now = sum(len(p) for p in probs), time.perf_counter()
             if now - last > 5 and done < len(todo):
@@ -1001,6 +1324,8 @@ def write_map(path: Path, plan: dict, predictor: dict, model_path: str, out_dir:
         "tissue_threshold": plan["threshold"],
         "cells": {"rows": cells.shape[0], "columns": cells.shape[1], "classified": int(classified.sum())},
         "class_fractions": fractions, "model": {"path": str(model_path), "identity": predictor["identity"]},
+        "stain_norm": predictor["stain_target"] and {"mode": predictor["stain_norm"], "target": predictor["stain_target"],
+                                                     "source": plan["stain"]},  # source None: per window
         "seconds": plan["seconds"], "windows_per_s": len(windows) / max(plan["seconds"], 1e-9),
         "setup_seconds": plan["setup_seconds"], "output_seconds": time.perf_counter() - start, "complete": True}
     mpkd.write_text_atomic(json.dumps(summary, indent=1), out_dir / f"{name}_summary.json")
@@ -1018,6 +1343,7 @@ def map_images(args, device) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     mpkd.check_writable(out_dir / "x_summary.json")
     predictor = load_predictor(args.checkpoints[0], args, device)
+    predictor.update(stain_target=stain_target(args, predictor["stain"], args.checkpoints[0]), stain_norm=args.stain_norm)
     if not (args.tile_um or predictor["tile_um"]):
         raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size (made before --mpp): "
                              f"pass --tile-um, the tiles' width in micrometres (Kather 2016: 150 px x 0.495 = 74.25)")
@@ -1208,7 +1534,8 @@ def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> di
             "outputs": "probabilities (N, C) float32 (softmax inside); logits (N, C)",
             "method": ckpt["method"], "network": ckpt["model"], "checkpoint": str(path),
             "checkpoint_sha256": mpkd.file_fingerprint(path), "identity": json.dumps(ckpt["identity"]),
-            "tile_um": str(ckpt.get("tile", {}).get("um", ""))}  # the field of view, for --map
+            "tile_um": str(ckpt.get("tile", {}).get("um", "")),  # the field of view, for --map
+            "stain": json.dumps(ckpt.get("stain"))}  # the training tiles' stain, for --stain-norm
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     blob = proto.SerializeToString()
@@ -1298,7 +1625,26 @@ def export_lines(network: str, exported) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_args(args) -> None:
+    """Refuse flags that do not go together, or values out of range, before any work."""
+    jobs = [flag for flag, on in (("--external", args.external), ("--images", args.images), ("--map", args.map),
+                                  ("--export", args.export)) if on]
+    if args.external and len(jobs) > 1:
+        raise mpkd.UserError(f"{jobs[0]} and {jobs[1]} are separate jobs: run one at a time")
+    if args.image_mpp is not None and not args.image_mpp > 0:
+        raise mpkd.UserError(f"--image-mpp {args.image_mpp} must be positive: microns per pixel (0.5 at 20x)")
+    for flag, value, needs, jobs_of in (("--class-map", args.class_map, args.external, "--external"),
+                                        ("--scale-rule", args.scale_rule, args.external or args.images,
+                                         "--external or --images"),
+                                        ("--stain-norm", args.stain_norm, args.external or args.images or args.map,
+                                         "--external, --images or --map"),
+                                        ("--stain-ref", args.stain_ref, args.stain_norm, "--stain-norm")):
+        if value and not needs:
+            raise mpkd.UserError(f"{flag} is for {jobs_of}")
+
+
 def main(args):
+    check_args(args)
     device = mpkd.pick_device(args.device)
     if args.map:
         map_images(args, device)
@@ -1320,11 +1666,14 @@ def main(args):
     for path in (p for p in (args.json, args.predictions) if p):
         mpkd.check_writable(path)
     cache = {}
-    rows = [evaluate_checkpoint(path, args, device, cache) for path in args.checkpoints]
+    rows = (score_external(args, device) if args.external
+            else [evaluate_checkpoint(path, args, device, cache) for path in args.checkpoints])
     summary, paired, tests = summarise(rows), paired_difference(rows), mcnemar_pairs(rows)
     lines = table_lines(rows, summary, paired, tests)
     if len(rows) == 1:
         lines += report_lines(rows[0])
+    if args.external:
+        lines += external_lines(rows)
     if args.export:
         lines += export_lines(rows[0]["network"], export_checkpoint(args.checkpoints[0], args, device, cache))
     print("\n".join(lines))

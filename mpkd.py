@@ -212,10 +212,15 @@ def _hub_reachable(seconds: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within `seconds`."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return False
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    return _reachable(re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0],
+                      seconds)
+
+
+def _reachable(host: str, seconds: float = 3.0) -> bool:
+    """Whether `host` ('name' or 'name:port'; port 443 by default) answers a TCP connection in `seconds`."""
+    name, _, port = host.partition(":")
     try:
-        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
-                                 timeout=seconds).close()
+        socket.create_connection((name, int(port or 443)), timeout=seconds).close()
         return True
     except OSError:
         return False
@@ -284,21 +289,31 @@ def network_name(name: str) -> str:
 # happen batch by batch on the training device.
 
 
-def fetch_kather(root: str | Path) -> None:
-    """Download and unpack the Kather 2016 zip (md5-checked) so that `root` exists."""
+def fetch_zip(root: str | Path, url: str, md5: str, page: str) -> None:
+    """Download a data set's zip from `url` into the folder above `root`, check its md5 and unpack it
+    so that `root` exists. Offline it stops at once, naming the file and where to unpack it."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    root = Path(root)
+    root, name = Path(root), url.rsplit("/", 1)[-1]
+    get_it = f"get {name} from {page} and unpack it into {root.parent}"
+    host = re.sub(r"^\w+://", "", url).split("/")[0]
+    if url.startswith("http") and not _reachable(host):
+        raise UserError(f"{root} is missing and {host} cannot be reached; {get_it}")
     try:
-        download_and_extract_archive(KATHER_URL, download_root=root.parent, md5=KATHER_MD5)
-    except Exception as err:  # no network, a proxy, a bad md5: all end the same way for the user
-        raise UserError(
-            f"{root} is missing and the download failed ({type(err).__name__}: {err}); get "
-            f"Kather_texture_2016_image_tiles_5000.zip from https://zenodo.org/record/53169 and "
-            f"unpack it into {root.parent}, or pass --data DIR"
-        ) from None
+        download_and_extract_archive(url, download_root=root.parent, md5=md5)
+    except Exception as err:  # a proxy, a bad md5, a broken zip: all end the same way for the user
+        raise UserError(f"{root} is missing and the download failed ({type(err).__name__}: {err}); "
+                        f"{get_it}") from None
     if not root.is_dir():
-        raise UserError(f"the downloaded zip did not unpack to {root}; pass --data DIR")
+        raise UserError(f"the downloaded {name} did not unpack to {root}; {get_it}")
+
+
+def fetch_kather(root: str | Path) -> None:
+    """Download and unpack the Kather 2016 zip (md5-checked) so that `root` exists."""
+    try:
+        fetch_zip(root, KATHER_URL, KATHER_MD5, "https://zenodo.org/record/53169")
+    except UserError as err:
+        raise UserError(f"{err}, or pass --data DIR") from None
 
 
 def ignored(relative: str | Path) -> bool:
@@ -781,14 +796,134 @@ def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size:
     return root
 
 
-def normalise(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, mirrored where `flip` (B,) is true, ImageNet-normalised."""
-    x = images.float().div_(255)
+def normalise(images: torch.Tensor, flip: torch.Tensor | None = None,
+              stain: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, HED-jittered where `stain` (B, 2, 3) is given (hed_jitter's
+    scale and shift of each stain), mirrored where `flip` (B,) is true, ImageNet-normalised."""
+    x = images.float()
+    if stain is not None:
+        x = hed_jitter(x, stain[:, 0], stain[:, 1])
+    x = x.div_(255)
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
         x[:, c].sub_(mean).div_(std)  # Python scalars: no host-to-device copy, so no sync per batch
     return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Stain: colour deconvolution of H&E (Ruifrok and Johnston 2001), the HED augmentation of training
+# tiles (Tellez et al. 2018, 2019) and Macenko et al.'s (2009) normalisation of another lab's tiles.
+# Both work on optical density, od = -ln((I + 1) / LIGHT) per channel of an intensity I in 0..255,
+# which intensity() inverts exactly: a tile comes back from a round trip within float rounding.
+
+LIGHT = 240.0  # the intensity of glass, as Macenko et al. and torchstain take it
+RUIFROK_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))  # OD (R, G, B) of haematoxylin, eosin, DAB
+STAIN_AUGMENT = 0.05  # --stain-augment's strength when the flag has no value (docs/generalisation.md)
+MACENKO_ALPHA = 1.0  # percent: the stain vectors are the 1st and 99th percentile angles of tissue OD
+MACENKO_BETA = 0.15  # OD below which, in any channel, a pixel is glass and left out of the estimate
+MIN_STAIN_PIXELS = 256  # fewer tissue pixels (a 16 x 16 patch) give no stain estimate: fat, glass
+STAIN_PIXELS = 1_000_000  # pixels sampled, with a fixed seed, for an estimate over many tiles
+
+
+def optical_density(x: torch.Tensor) -> torch.Tensor:
+    """Intensities 0..255 (any shape) -> float optical density -ln((I + 1) / LIGHT)."""
+    return -torch.log((x.float() + 1) / LIGHT)
+
+
+def intensity(od: torch.Tensor) -> torch.Tensor:
+    """optical_density's inverse: float intensities, not clamped to 0..255."""
+    return LIGHT * torch.exp(-od) - 1
+
+
+def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Tellez et al.'s HED augmentation: float intensities (B, 3, H, W) in 0..255 are unmixed into
+    haematoxylin, eosin and DAB concentrations c with Ruifrok and Johnston's stain vectors (od = c @ M),
+    each stain becomes c * scale + shift ((B, 3) each, per image and stain) and the image is mixed
+    back, clamped to 0..255. scale 1 and shift 0 return the input within float rounding."""
+    mix = torch.nn.functional.normalize(torch.tensor(RUIFROK_HED, device=x.device), dim=1)  # (stain, channel)
+    conc = torch.einsum("bchw,cs->bshw", optical_density(x), torch.linalg.inv(mix))  # (B, 3 stains, H, W)
+    conc = conc * scale[:, :, None, None] + shift[:, :, None, None]
+    return intensity(torch.einsum("bshw,sc->bchw", conc, mix)).clamp_(0, 255)
+
+
+def stain_draws(n: int, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) HED jitter for n images: scale ~ U(1 - strength, 1 + strength) and shift ~
+    U(-strength, strength) (in optical density) per stain, from `gen` (on the CPU, like the flips)."""
+    u = 2 * torch.rand(n, 2, 3, generator=gen) - 1
+    return torch.stack([1 + strength * u[:, 0], strength * u[:, 1]], 1)
+
+
+def concentrations(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
+    """Least-squares stain concentrations (P, 2) of optical densities (P, 3) given unit stain
+    vectors (2, 3): od ~= conc @ stains."""
+    return od @ torch.linalg.pinv(stains)
+
+
+def macenko_fit(pixels: torch.Tensor) -> dict:
+    """Macenko et al.'s stain estimate from uint8 RGB pixels (P, 3) (every k-th of them where there
+    are more than STAIN_PIXELS): the haematoxylin and eosin vectors are the extreme angles
+    (MACENKO_ALPHA percentiles) of tissue optical densities in the plane of their two largest
+    principal directions, and each stain's concentration scale is its 99th percentile over all
+    pixels. Returns plain lists, {"stains": [H, E] (2 x 3), "max_conc": [h, e], "pixels": tissue
+    pixels used}, as torchstain's MacenkoNormalizer computes them. Too few tissue pixels (fat,
+    glass) are a ValueError."""
+    od = optical_density(pixels[::-(-len(pixels) // STAIN_PIXELS)]).double()
+    tissue = od[(od >= MACENKO_BETA).all(1)]
+    if len(tissue) < MIN_STAIN_PIXELS:
+        raise ValueError(f"{len(tissue)} tissue pixels, fewer than {MIN_STAIN_PIXELS}: no stain estimate")
+    plane = torch.linalg.eigh(torch.cov(tissue.T))[1][:, 1:]  # (3, 2): 2nd and 1st principal directions
+    plane = plane * torch.where(plane.sum(0) < 0, -1.0, 1.0)  # optical densities are positive
+    along = tissue @ plane  # (P, 2): each pixel along the 2nd and the 1st direction
+    angle = torch.atan2(along[:, 1], along[:, 0])  # in (0, pi): the 1st direction's part is positive
+    ends = [torch.quantile(angle, q) for q in (MACENKO_ALPHA / 100, 1 - MACENKO_ALPHA / 100)]
+    lo, hi = (plane @ torch.stack([torch.cos(a), torch.sin(a)]) for a in ends)
+    stains = torch.stack([lo, hi] if lo[0] > hi[0] else [hi, lo])  # haematoxylin absorbs more red
+    max_conc = torch.quantile(concentrations(od, stains), 0.99, dim=0)
+    return {"stains": stains.tolist(), "max_conc": max_conc.tolist(), "pixels": len(tissue)}
+
+
+def pixels_of(*images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB pixels (P, 3) of tiles, uint8 (N, 3, H, W) each: every k-th pixel of every tile,
+    k chosen so that P is at most STAIN_PIXELS: a stain estimate over a whole folder."""
+    step = -(-sum(im.numel() // 3 for im in images) // STAIN_PIXELS)
+    return torch.cat([im.cpu().permute(0, 2, 3, 1).reshape(-1, 3)[::step] for im in images])
+
+
+def stain_record(images: torch.Tensor) -> dict | None:
+    """The stain of a model's training tiles, uint8 (N, 3, S, S), recorded in its checkpoint as the
+    target of --stain-norm (so the data folder is not needed later); None where they hold too
+    little stained tissue to estimate it."""
+    try:
+        return macenko_fit(pixels_of(images))
+    except ValueError:
+        return None
+
+
+def normalise_stain(images: torch.Tensor, source: dict | None, target: dict) -> tuple[torch.Tensor, int]:
+    """uint8 tiles (N, 3, H, W) restained to `target`: from `source`, the stain of their folder or
+    slide, or where it is None from each tile's own estimate (Macenko per tile), which leaves a tile
+    of too little tissue as it is. Returns the tiles and how many were left as they were."""
+    if source is not None:
+        return macenko_apply(images, source, target), 0
+    out, unchanged = images.clone(), 0
+    for i, tile in enumerate(images):
+        try:
+            out[i] = macenko_apply(tile[None], macenko_fit(pixels_of(tile[None])), target)[0]
+        except ValueError:
+            unchanged += 1
+    return out, unchanged
+
+
+def macenko_apply(images: torch.Tensor, source: dict, target: dict) -> torch.Tensor:
+    """uint8 (N, 3, H, W) tiles stained as `source` (macenko_fit of them, their folder or their
+    slide) restained as `target`: each pixel's concentrations under the source stains, scaled by
+    target / source max_conc, mixed with the target stains. uint8 (N, 3, H, W)."""
+    od = optical_density(images.permute(0, 2, 3, 1)).double()  # (N, H, W, 3)
+    src, tgt = (torch.tensor(s["stains"], dtype=torch.float64) for s in (source, target))
+    ratio = torch.tensor(target["max_conc"], dtype=torch.float64) / torch.tensor(source["max_conc"], dtype=torch.float64)
+    out = intensity(concentrations(od, src) * ratio @ tgt)
+    return out.clamp_(0, 255).round_().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -963,9 +1098,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generator, precision: str,
                     teacher_logits: torch.Tensor | None, temperature: float,
-                    distill_weight: float, compiled: set | None = None) -> dict:
-    """One pass over `part` in a seeded random order with seeded flips; `teacher_logits` (N, 2, C)
-    are the stored teacher logits of each image and of its mirror. No host-device sync inside, but
+                    distill_weight: float, compiled: set | None = None, stain_augment: float = 0.0) -> dict:
+    """One pass over `part` in a seeded random order with seeded flips, and with a seeded HED jitter
+    of strength `stain_augment` where it is not 0; `teacher_logits` (N, 2, C) are the stored teacher
+    logits of each image and of its mirror (never jittered). No host-device sync inside, but
     for a compiled `model`: `compiled` holds the batch sizes it has been compiled for, and the first
     batch of a new size (which compiles) is timed apart, as compile_seconds, and left out of
     images_per_s."""
@@ -973,6 +1109,8 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
     device, n = images.device, len(labels)
     order = torch.randperm(n, generator=gen).to(device)
     flips = (torch.rand(n, generator=gen) < 0.5).to(device)
+    # drawn only when asked, so that a run without it draws what runs before it existed drew
+    stains = stain_draws(n, stain_augment, gen).to(device) if stain_augment else None  # (N, 2, 3)
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -989,7 +1127,7 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
             sync(device)
             compile_start = time.perf_counter()
         flip = flips[idx]
-        x = channels_last(normalise(images[idx], flip))
+        x = channels_last(normalise(images[idx], flip, None if stains is None else stains[idx]))
         with autocast(device, precision):
             logits = model(x)  # (B, C)
         # the teacher's logits of exactly the view (plain or mirrored) the student sees: (B, C)
@@ -1072,7 +1210,8 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
             start = time.perf_counter()
             teacher = teacher_logits_for(epoch, run["extra"]) if teacher_logits_for else None
             stats = train_one_epoch(step_model, opt, train, args["batch_size"], gen, prec, teacher,
-                                    args.get("temperature", 1.0), args.get("distill_weight", 0.0), compiled)
+                                    args.get("temperature", 1.0), args.get("distill_weight", 0.0), compiled,
+                                    args.get("stain_augment") or 0.0)
             bad = stats.pop("bad_batch")
             if bad is not None:
                 kept = f"epoch {on_disk} is kept in {spath}" if on_disk else "no epoch had completed"
@@ -1285,7 +1424,7 @@ def class_colour(name: str) -> tuple[int, int, int]:
     """The RGB colour of a class on every map: fixed for Kather's and NCT's names (a folder's
     '01_' prefix and case ignored), else derived from the name, so the same name always gets the
     same colour."""
-    key = re.sub(r"^\d+_", "", name).upper()
+    key = class_key(name)
     if key in CLASS_COLOURS:
         return CLASS_COLOURS[key]
     digest = hashlib.sha256(key.encode()).digest()
@@ -1303,6 +1442,101 @@ def shard(items: list, spec: str) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tiles of another lab: its class names mapped to a model's, and its tiles brought to the scale and
+# field of view the model was trained on (the tile record: px, mpp, um).
+
+EXTERNAL_SETS = {  # test sets --external fetches by name, with the scale and class map they need
+    "crc-val-he-7k": {
+        "url": "https://zenodo.org/record/1214456/files/CRC-VAL-HE-7K.zip", "md5": "2fd1651b4f94ebd818ebf90ad2b6ce06",
+        "page": "https://zenodo.org/record/1214456", "folder": "data/CRC-VAL-HE-7K", "mpp": 0.5,
+        # NCT's 9 classes to Kather 2016's 8, why each: docs/generalisation.md; docs/crc-val-he-7k.csv as a file
+        "class_map": {"ADI": "07_ADIPOSE", "BACK": "08_EMPTY", "DEB": "05_DEBRIS", "LYM": "04_LYMPHO",
+                      "MUC": "05_DEBRIS", "MUS": "02_STROMA", "NORM": "06_MUCOSA", "STR": "02_STROMA",
+                      "TUM": "01_TUMOR"}},
+}
+SCALE_RULES = ("crop", "cover", "whole", "resize")
+
+
+def class_key(name: str) -> str:
+    """A class name as maps and class maps compare it: a folder's '01_' prefix dropped, upper case."""
+    return re.sub(r"^\d+_", "", name).upper()
+
+
+def find_class(name: str, classes: list[str]) -> int | None:
+    """The index of `name` among a model's classes: the same name, else the same class_key
+    ('TUMOR' is '01_TUMOR'); None when there is none."""
+    if name in classes:
+        return classes.index(name)
+    keys = [class_key(c) for c in classes]
+    return keys.index(class_key(name)) if keys.count(class_key(name)) == 1 else None
+
+
+def read_class_map(path: str | Path, folders: list[str], classes: list[str]) -> dict[str, str | None]:
+    """A class map CSV: rows of (folder of the external set, class of the model), several folders
+    to one class allowed; an empty second column leaves a folder unmapped; a first row naming the
+    columns (neither a folder nor a class) is allowed. Returns {folder: class or None} as written;
+    a class the model lacks and a map naming none of `folders` are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--class-map {path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [[cell.strip() for cell in r] for r in csv.reader(f) if any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"--class-map {path} is not a readable CSV ({err})") from None
+    rows = [r + [""] * (2 - len(r)) for r in rows]
+    if rows and rows[0][0] not in folders and rows[0][1] and find_class(rows[0][1], classes) is None:
+        rows = rows[1:]  # the header
+    mapping = {}
+    for number, (folder, name, *_) in enumerate(rows, 1):
+        if name and find_class(name, classes) is None:
+            raise UserError(f"--class-map {path} maps {folder} to {name}, which is not a class of the "
+                            f"model; its classes are {', '.join(classes)}")
+        mapping[folder] = classes[find_class(name, classes)] if name else None
+    if not set(mapping) & set(folders):
+        raise UserError(f"--class-map {path} names none of the folders it is for ({', '.join(folders)}); "
+                        f"its first column must hold folder names")
+    return mapping
+
+
+def view_boxes(width: int, height: int, size: int, rule: str, image_mpp: float | None = None,
+               tile_um: float | None = None) -> list[tuple[tuple[float, float, float, float], tuple[int, int]]]:
+    """Where in a tile (width x height px at image_mpp) the network looks, for a model trained on
+    tiles of tile_um micrometres resized to `size` px: (box in tile pixels, output size) per view.
+    - crop: the centred square of the training field of view, resized to size (the default);
+    - cover: the fewest such squares, evenly spaced, that cover the tile; their logits are averaged;
+    - whole: the tile resampled to the training scale, one larger (or smaller) input;
+    - resize: the whole tile squeezed into size x size, whatever its scale (no scale needed).
+    Boxes are in fractional pixels: one resampling from the tile to the network's input."""
+    if rule == "resize":
+        return [((0.0, 0.0, float(width), float(height)), (size, size))]
+    field = tile_um / image_mpp  # the training field of view, in tile pixels
+    if rule == "whole":
+        ratio = size / field
+        return [((0.0, 0.0, float(width), float(height)), (max(1, round(width * ratio)), max(1, round(height * ratio))))]
+    if field > 1.02 * min(width, height):  # 2%: slack for rounded scales
+        raise UserError(f"a {width} x {height} px tile at {image_mpp:g} um/px shows "
+                        f"{width * image_mpp:.4g} x {height * image_mpp:.4g} um, less than the "
+                        f"{tile_um:.4g} um field the model was trained on: --scale-rule whole or resize")
+    field = min(field, width, height)
+    if rule == "crop":
+        starts = [[(width - field) / 2], [(height - field) / 2]]
+    else:  # cover
+        starts = [np.linspace(0, side - field, math.ceil(side / field - 1e-6)).tolist() for side in (width, height)]
+    return [((x, y, x + field, y + field), (size, size)) for y in starts[1] for x in starts[0]]
+
+
+def tile_views(img: Image.Image, size: int, rule: str, image_mpp: float | None = None,
+               tile_um: float | None = None) -> list[np.ndarray]:
+    """The network's inputs for one tile by a scale rule (view_boxes): uint8 (3, h, w) arrays, RGB,
+    resampled with PIL bilinear (antialiased when shrinking), as training tiles are."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return [np.asarray(img.resize(out, Image.BILINEAR, box=box)).transpose(2, 0, 1)
+            for box, out in view_boxes(img.width, img.height, size, rule, image_mpp, tile_um)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Run machinery: settings checks, atomic files, resumable state, the teacher logits file
 
 
@@ -1317,6 +1551,7 @@ def check_settings(args: dict) -> None:
         ("img_size", lambda v: v >= 32, "must be at least 32 (MixNet downsamples 32 times)"),
         ("temperature", lambda v: v > 0 and math.isfinite(v), "must be positive"),
         ("distill_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("stain_augment", lambda v: v is None or 0 < v < 1, "must be in (0, 1)"),
         ("test_frac", lambda v: 0 < v < 1, "must be in (0, 1)"),
         ("val_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ]

@@ -648,7 +648,8 @@ def _wait_for_new_state(proc, path):
 
 
 def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir, tmp_path):
-    argv = ["--data", data_dir, "--no-pretrained", "--epochs", "6", "--save-every", "2", *FAST]
+    # with stain augmentation: its random draws continue from the saved generator like the flips
+    argv = ["--data", data_dir, "--no-pretrained", "--epochs", "6", "--save-every", "2", "--stain-augment", *FAST]
     (tmp_path / "ref").mkdir()
     (tmp_path / "run").mkdir()
     ref = _script("train_teacher.py", *argv, cwd=tmp_path / "ref")
@@ -683,6 +684,7 @@ def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir,
             for d in ("ref", "run")]
     assert without_timing(logs[0]) == without_timing(logs[1]) and len(logs[1]) == 6
     assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "teacher.state.pt").exists()
+    assert b["teacher.pt"]["args"]["stain_augment"] == mpkd.STAIN_AUGMENT
 
 
 def test_atomic_save_leaves_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
@@ -1849,3 +1851,305 @@ def test_a_pyramidal_tiff_is_read_through_openslide(map_model, tmp_path):
     rows = _csv(tmp_path / "maps" / "slide_tiles.csv")
     _, got, truth = _layout_found(map_model, rows, 80)
     assert set(got) == set(truth) and sum(got[k] == truth[k] for k in truth) >= 0.9 * len(truth)
+
+
+# ----------------------------------------------------------------------------------------------
+# Another lab's tissue: external test sets, scale rules, stain augmentation and normalisation
+
+CRC_SAMPLES = HERE.parent / "shared" / "data" / "crc_val_he_7k_samples"
+
+
+def test_class_map_header_several_to_one_unmapped_and_refusals(tmp_path):
+    classes, folders = ["01_TUMOR", "02_STROMA", "05_DEBRIS"], ["DEB", "MUC", "MUS", "STR", "TUM", "X"]
+    path = tmp_path / "map.csv"
+    path.write_text("folder,class\nTUM,01_TUMOR\nSTR,STROMA\nMUS,02_STROMA\nDEB,05_DEBRIS\nMUC,\nBACK,\n")
+    mapping = mpkd.read_class_map(path, folders, classes)
+    assert mapping == {"TUM": "01_TUMOR", "STR": "02_STROMA", "MUS": "02_STROMA", "DEB": "05_DEBRIS",
+                       "MUC": None, "BACK": None}  # 'STROMA' is 02_STROMA; X is not listed: unmapped too
+    path.write_text("TUM,01_TUMOR\nSTR,02_STROMA\n")  # no header: the first row is data
+    assert mpkd.read_class_map(path, folders, classes) == {"TUM": "01_TUMOR", "STR": "02_STROMA"}
+    path.write_text("folder,class\nTUM,TUMOUR\n")
+    with pytest.raises(mpkd.UserError, match="TUM to TUMOUR, which is not a class.*01_TUMOR, 02_STROMA, 05_DEBRIS"):
+        mpkd.read_class_map(path, folders, classes)
+    path.write_text("folder,class\nADI,01_TUMOR\n")
+    with pytest.raises(mpkd.UserError, match="names none of the folders"):
+        mpkd.read_class_map(path, folders, classes)
+    with pytest.raises(mpkd.UserError, match="does not exist"):
+        mpkd.read_class_map(tmp_path / "none.csv", folders, classes)
+
+
+def test_the_shipped_crc_map_is_the_one_the_named_set_uses():
+    rows = _csv(HERE / "docs" / "crc-val-he-7k.csv")
+    assert {r["folder"]: r["class"] for r in rows} == mpkd.EXTERNAL_SETS["crc-val-he-7k"]["class_map"]
+    kather = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]
+    assert set(mpkd.EXTERNAL_SETS["crc-val-he-7k"]["class_map"].values()) == set(kather) - {"03_COMPLEX"}
+
+
+@pytest.mark.parametrize("width,mpp,rule,expected", [
+    # CRC-VAL-HE-7K (224 px at 0.5 um/px) for a Kather 2016 model (150 px x 0.495 = 74.25 um, at 112 px):
+    # the training field is 148.5 of its pixels
+    (224, 0.5, "crop", [((37.75, 37.75, 186.25, 186.25), (112, 112))]),
+    (224, 0.5, "cover", [((x, y, x + 148.5, y + 148.5), (112, 112)) for y in (0, 75.5) for x in (0, 75.5)]),
+    (224, 0.5, "whole", [((0, 0, 224, 224), (169, 169))]),  # 224 * 0.5 / (74.25 / 112) = 168.96
+    (224, 0.5, "resize", [((0, 0, 224, 224), (112, 112))]),
+    (150, 0.495, "crop", [((0, 0, 150, 150), (112, 112))]),  # Kather's own tiles: as in training
+    (150, 0.495, "cover", [((0, 0, 150, 150), (112, 112))]),
+    (600, 0.2475, "crop", [((150, 150, 450, 450), (112, 112))]),  # 40x: a 300 px field
+    (600, 0.2475, "cover", [((x, y, x + 300, y + 300), (112, 112)) for y in (0, 300) for x in (0, 300)]),
+    (620, 0.2475, "cover", [((x, y, x + 300, y + 300), (112, 112)) for y in (0, 160, 320) for x in (0, 160, 320)]),
+    (300, 0.99, "whole", [((0, 0, 300, 300), (448, 448))]),  # 10x: 300 px show 297 um, 4 fields wide
+])
+def test_view_boxes_bring_a_tile_to_the_training_scale(width, mpp, rule, expected):
+    got = mpkd.view_boxes(width, width, 112, rule, mpp, 74.25)
+    assert len(got) == len(expected)
+    for (box, out), (want_box, want_out) in zip(got, expected):
+        assert out == want_out and box == pytest.approx(want_box)
+
+
+def test_a_tile_smaller_than_the_training_field_is_refused_for_crop_and_cover():
+    with pytest.raises(mpkd.UserError, match="less than the 74.25 um field.*whole or resize"):
+        mpkd.view_boxes(224, 224, 112, "crop", 0.25, 74.25)  # 56 um
+    assert mpkd.view_boxes(224, 224, 112, "whole", 0.25, 74.25)[0][1] == (84, 84)  # 224 * 0.25 / (74.25 / 112) = 84.5
+
+
+def test_tile_views_resize_is_the_training_decode_and_crop_is_one_resampling(tmp_path):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (90, 90, 3), dtype=np.uint8))
+    (resized,) = mpkd.tile_views(img, 32, "resize")
+    assert np.array_equal(resized, mpkd.model_input(img, 32))  # no scale: exactly what training does
+    (cropped,) = mpkd.tile_views(img.convert("RGBA"), 32, "crop", 0.5, 30.0)  # a 60 px field in the centre
+    cut_first = np.asarray(img.crop((15, 15, 75, 75)).resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
+    # one resampling from the tile: inside, what cutting the field out first gives; on the outer
+    # pixels the filter also reads the tile just outside the field, as a window of a larger image would
+    assert np.array_equal(cropped[:, 1:-1, 1:-1], cut_first[:, 1:-1, 1:-1])
+    assert not np.array_equal(cropped, cut_first)
+
+
+def test_hed_jitter_round_trip_and_what_a_shift_does():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (2, 3, 16, 16))).float()
+    same = mpkd.hed_jitter(x, torch.ones(2, 3), torch.zeros(2, 3))
+    assert (same - x).abs().max() < 1e-3  # float rounding only
+    darker = mpkd.hed_jitter(torch.full((1, 3, 4, 4), 200.0), torch.ones(1, 3), torch.tensor([[0.2, 0.0, 0.0]]))
+    od_added = mpkd.optical_density(darker[0, :, 0, 0]) - mpkd.optical_density(torch.full((3,), 200.0))
+    hematoxylin = torch.nn.functional.normalize(torch.tensor(mpkd.RUIFROK_HED), dim=1)[0]
+    assert torch.allclose(od_added, 0.2 * hematoxylin, atol=1e-5)  # 0.2 OD more haematoxylin, nothing else
+    gen = torch.Generator().manual_seed(3)
+    draws = mpkd.stain_draws(1000, 0.05, gen)
+    assert draws.shape == (1000, 2, 3) and (draws[:, 0] - 1).abs().max() <= 0.05 and draws[:, 1].abs().max() <= 0.05
+    assert torch.equal(draws, mpkd.stain_draws(1000, 0.05, torch.Generator().manual_seed(3)))
+
+
+def _stained_tile(stains, seed=0, size=64):
+    """A uint8 tile (3, size, size) mixed from two known stains: pure haematoxylin, pure eosin and
+    mixtures, on glass; and its concentrations (size * size, 2)."""
+    rng = np.random.default_rng(seed)
+    conc = rng.uniform(0.6, 1.6, (size * size, 2))
+    kind = rng.integers(0, 4, size * size)
+    conc[kind == 0, 1] = 0  # haematoxylin only
+    conc[kind == 1, 0] = 0  # eosin only
+    conc[kind == 2] = 0  # glass
+    od = torch.from_numpy(conc) @ torch.tensor(stains, dtype=torch.float64)
+    tile = mpkd.intensity(od).clamp(0, 255).round().to(torch.uint8)
+    return tile.T.reshape(3, size, size), conc
+
+
+def test_macenko_finds_known_stains_and_restains_a_tile_to_another_labs():
+    # torchstain's reference stains, and another lab's; every pixel of stain has OD >= MACENKO_BETA
+    # in every channel (Macenko's glass test), so pure haematoxylin and pure eosin pixels count
+    h, e = np.array([0.5626, 0.7201, 0.4062]), np.array([0.2159, 0.8012, 0.5581])
+    h2, e2 = np.array([0.65, 0.70, 0.29]), np.array([0.30, 0.85, 0.43])
+    stains = [list(h / np.linalg.norm(h)), list(e / np.linalg.norm(e))]
+    other = [list(h2 / np.linalg.norm(h2)), list(e2 / np.linalg.norm(e2))]
+    tile, _ = _stained_tile(stains)
+    fit = mpkd.macenko_fit(tile.permute(1, 2, 0).reshape(-1, 3))
+    cosines = (np.asarray(fit["stains"]) * np.asarray(stains)).sum(1)
+    assert cosines.min() > 0.999  # the haematoxylin and eosin vectors, in that order
+    elsewhere, _ = _stained_tile(other, seed=1)  # the same tissue statistics stained by another lab
+    target = mpkd.macenko_fit(elsewhere.permute(1, 2, 0).reshape(-1, 3))
+    restained = mpkd.macenko_apply(tile[None], fit, target)[0]
+    again = mpkd.macenko_fit(restained.permute(1, 2, 0).reshape(-1, 3))
+    assert (np.asarray(again["stains"]) * np.asarray(other)).sum(1).min() > 0.999
+    assert np.allclose(again["max_conc"], target["max_conc"], rtol=0.02)
+    with pytest.raises(ValueError, match="tissue pixels"):
+        mpkd.macenko_fit(torch.full((5000, 3), 238, dtype=torch.uint8))  # glass
+    _, unchanged = mpkd.normalise_stain(torch.full((2, 3, 8, 8), 238, dtype=torch.uint8), None, target)
+    assert unchanged == 2  # per tile: glass has no stain to estimate and is left as it is
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="the 24 real Kather tiles are not on this machine")
+def test_macenko_equals_torchstain_on_real_tiles():
+    ts = pytest.importorskip("torchstain")
+    tiles = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
+             for f in sorted(SAMPLES.glob("0[1-6]_*/*.tif"))[::4]]
+    reference = ts.normalizers.MacenkoNormalizer(backend="torch")
+    reference.fit(tiles[0])
+    ours = mpkd.macenko_fit(tiles[0].permute(1, 2, 0).reshape(-1, 3))
+    assert np.allclose(ours["stains"], reference.HERef.T.numpy(), atol=1e-4)  # torchstain: (channels, stains)
+    assert np.allclose(ours["max_conc"], reference.maxCRef.numpy(), rtol=1e-3)  # percentiles: another rounding
+    for tile in tiles[1:]:
+        expected, _, _ = reference.normalize(tile, stains=False)  # (H, W, 3); torchstain: I0 e^-od, truncated
+        got = mpkd.macenko_apply(tile[None], mpkd.macenko_fit(tile.permute(1, 2, 0).reshape(-1, 3)), ours)[0]
+        diff = (got.permute(1, 2, 0).int() - expected.int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 3
+
+
+def test_stain_augmentation_is_seeded_recorded_and_changes_training(data_dir, tmp_path):
+    argv = ["--data", str(data_dir), "--distill-weight", "0", "--teacher-logits", str(tmp_path / "none.pt"),
+            "--epochs", "2", *FAST]
+    for name, extra in (("a", ["--stain-augment"]), ("b", ["--stain-augment"]), ("c", []), ("d", ["--stain-augment", "0.2"])):
+        distill.main(distill.get_args(argv + ["--out", str(tmp_path / f"{name}.pt"), *extra]))
+    a, b, c, d = (mpkd.load_file(tmp_path / f"{n}.pt", mpkd.CHECKPOINT_FORMAT) for n in "abcd")
+    same = lambda x, y: all(torch.equal(x["state_dict"][k], v) for k, v in y["state_dict"].items())
+    assert same(a, b) and not same(a, c) and not same(a, d)
+    assert (a["args"]["stain_augment"], c["args"]["stain_augment"], d["args"]["stain_augment"]) == (mpkd.STAIN_AUGMENT, None, 0.2)
+    assert evaluate.method_name(a) == "student alone, stain-augmented" and evaluate.method_name(c) == "student alone"
+    assert set(a["stain"]) == {"stains", "max_conc", "pixels"}  # the training tiles' stain, for --stain-norm
+    with pytest.raises(mpkd.UserError, match="--stain-augment 1.5 must be in"):
+        distill.main(distill.get_args(argv + ["--out", str(tmp_path / "e.pt"), "--stain-augment", "1.5"]))
+
+
+def _external_folder(root, rng, names=("zero", "one", "two", "three"), size=160, inner=80):
+    """Another lab's folders of the stand-in colours: tiles of `size` px whose centre `inner` px
+    show their class and whose border shows the next class (so only the right field of view is right)."""
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            tile = _standin_tile((c + 1) % 4, size, rng, 5)
+            start = (size - inner) // 2
+            tile[start:start + inner, start:start + inner] = _standin_tile(c, inner, rng, 5)
+            Image.fromarray(tile).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def test_external_set_at_its_scale_with_a_class_map_and_its_report_recomputed(map_model, tmp_path, capsys):
+    root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
+    (root / "unused").mkdir()
+    Image.fromarray(_standin_tile(0, 160, np.random.default_rng(1))).save(root / "unused" / "x.png")
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("folder,class\nzero,01_CLASS0\none,CLASS1\ntwo,03_CLASS2\nthree,04_CLASS3\nunused,\n")
+    run = lambda *extra: evaluate.main(evaluate.get_args([str(map_model), "--external", str(root), "--class-map",
+                                                          str(cmap), "--device", "cpu", *map(str, extra)]))
+    # the training field, 19.8 um (40 px x 0.495), is the centre 80 px of these tiles at 0.2475 um/px
+    [row] = run("--image-mpp", 0.2475, "--json", tmp_path / "r.json", "--predictions", tmp_path / "p.csv")
+    out = capsys.readouterr().out
+    assert row["accuracy"] == 100 and row["n_test"] == 12 and "unused is not mapped" in out
+    assert "scale rule crop" in out and "zero -> 01_CLASS0" in out and "unused -> skipped" in out
+    [squeezed] = run()  # no scale: resized whole, the border (three quarters of the tile) mostly wins
+    assert squeezed["accuracy"] <= 50 and "resized whole" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]
+    ext = report["data"]["external"]
+    assert (ext["rule"], ext["image_mpp"], ext["skipped"], ext["views"]) == ("crop", 0.2475, ["unused"], 12)
+    assert ext["class_map"]["one"] == "02_CLASS1" and report["data"]["folder"] == str(root)
+    rows = _csv(tmp_path / "p.csv")
+    assert len(rows) == 12 and {r["scale_rule"] for r in rows} == {"crop"}
+    correct = sum(r["true"] == r["predicted"] for r in rows)
+    assert correct == report["correct"] and report["accuracy_ci95"] == pytest.approx(evaluate.wilson_interval(correct, 12))
+    folders = report["folder_confusion"]["folders"]
+    counts = np.zeros((len(folders), len(report["classes"])), int)
+    for r in rows:
+        counts[folders.index(r["folder"]), report["classes"].index(r["predicted"])] += 1
+    assert counts.tolist() == report["folder_confusion"]["counts"]
+    assert all(ext["class_map"][r["folder"]] == r["true"] for r in rows)
+
+
+def test_external_bad_inputs_are_one_line_before_any_scoring(map_model, tmp_path):
+    root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
+    run = lambda *extra: evaluate.main(evaluate.get_args([str(map_model), "--external", str(root), "--device", "cpu",
+                                                          *map(str, extra)]))
+    with pytest.raises(mpkd.UserError, match="folders one, three, two, zero of .* are not classes.*--class-map"):
+        run()
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("zero,TUMOUR\n")
+    with pytest.raises(mpkd.UserError, match="not a class of the model; its classes are 01_CLASS0"):
+        run("--class-map", cmap)
+    cmap.write_text("folder,class\nzero,\none,\n")
+    with pytest.raises(mpkd.UserError, match="nothing in .* is mapped"):
+        run("--class-map", cmap)
+    cmap.write_text("folder,class\nzero,01_CLASS0\n")
+    for bad in ("0", "-0.5"):
+        with pytest.raises(mpkd.UserError, match=f"--image-mpp {float(bad)} must be positive"):
+            run("--class-map", cmap, "--image-mpp", bad)
+    with pytest.raises(mpkd.UserError, match="--scale-rule cover needs the tiles' scale"):
+        run("--class-map", cmap, "--scale-rule", "cover")
+    with pytest.raises(mpkd.UserError, match="--class-map is for --external"):
+        evaluate.main(evaluate.get_args([str(map_model), "--class-map", str(cmap)]))
+    (root / "zero" / "broken.png").write_bytes(b"not a png")
+    proc = _script("evaluate.py", map_model, "--external", root, "--class-map", cmap, "--device", "cpu", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "zero/broken.png" in err and "Method" not in out
+
+
+def test_named_external_set_is_fetched_md5_checked_and_refused_offline(map_model, tmp_path, monkeypatch):
+    import http.server
+    import threading
+    import zipfile
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    served = tmp_path / "served"
+    _external_folder(served / "SET" / "tiles", rng, names=("TUM", "STR"))
+    with zipfile.ZipFile(tmp_path / "SET.zip", "w") as z:
+        for f in sorted((served / "SET").rglob("*.png")):
+            z.write(f, f.relative_to(served).as_posix().replace("SET/tiles", "SET"))
+    md5 = __import__("hashlib").md5((tmp_path / "SET.zip").read_bytes()).hexdigest()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.handle_error = lambda *a: None  # a client that hangs up early (torchvision's first request) is no error
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    known = {"url": f"http://127.0.0.1:{server.server_address[1]}/SET.zip", "md5": "0" * 32, "page": "its page",
+             "folder": "data/SET", "mpp": 0.2475, "class_map": {"TUM": "01_CLASS0", "STR": "02_CLASS1"}}
+    monkeypatch.setitem(mpkd.EXTERNAL_SETS, "the-set", known)
+    args = [str(map_model), "--external", "the-set", "--device", "cpu"]
+    try:
+        with pytest.raises(mpkd.UserError, match="download failed.*get SET.zip from its page and unpack it into data"):
+            evaluate.main(evaluate.get_args(args))  # a wrong md5: nothing unpacked
+        assert not (tmp_path / "data" / "SET").exists()
+        known["md5"] = md5
+        [row] = evaluate.main(evaluate.get_args(args))
+    finally:
+        server.shutdown()
+    assert row["n_test"] == 6 and row["data"]["external"]["image_mpp"] == 0.2475 and row["accuracy"] == 100
+    assert row["data"]["external"]["class_map"] == {"STR": "02_CLASS1", "TUM": "01_CLASS0"}
+    known["url"] = "http://127.0.0.1:9/SET.zip"  # nothing answers there: offline
+    known["folder"] = "data/OTHER"
+    with pytest.raises(mpkd.UserError, match="data/OTHER is missing and 127.0.0.1:9 cannot be reached; get SET.zip"):
+        evaluate.main(evaluate.get_args(args))
+
+
+def test_images_at_their_scale_and_stain_normalised(map_model, tmp_path, capsys):
+    root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
+    run = lambda out, *extra: evaluate.main(evaluate.get_args([str(map_model), "--images", str(root), "--device", "cpu",
+                                                               "--predictions", str(tmp_path / out), *map(str, extra)]))
+    run("crop.csv", "--image-mpp", 0.2475)
+    assert "scale rule crop" in capsys.readouterr().out
+    rows = _csv(tmp_path / "crop.csv")
+    names = ["zero", "one", "two", "three"]
+    assert all(r["predicted"] == f"{names.index(r['file'].split('/')[0]) + 1:02d}_CLASS{names.index(r['file'].split('/')[0])}"
+               for r in rows)
+    run("cover.csv", "--image-mpp", 0.2475, "--scale-rule", "cover", "--stain-norm", "macenko")
+    out = capsys.readouterr().out  # 2 x 2 fields of 80 px cover a 160 px tile
+    assert "scale rule cover" in out and "(48 views of 12 tiles)" in out
+    assert "stain normalised (macenko) to the training tiles of s.pt" in out
+    assert len(_csv(tmp_path / "cover.csv")) == 12
+    with pytest.raises(mpkd.UserError, match="--stain-ref .* does not open"):
+        run("x.csv", "--stain-norm", "macenko", "--stain-ref", tmp_path / "map.csv")
+
+
+def test_map_stain_normalised_from_the_images_own_tissue(map_model, tmp_path):
+    pixels = _layout_pixels(LAYOUT, 40)
+    Image.fromarray(pixels).save(tmp_path / "big.tif", resolution_unit=3, resolution=1e4 / 0.495)
+    _map(map_model, tmp_path / "big.tif", tmp_path / "maps", "--stain-norm", "macenko")
+    norm = json.loads((tmp_path / "maps" / "big_summary.json").read_text())["stain_norm"]
+    ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)
+    assert norm["mode"] == "macenko" and norm["target"]["stains"] == ckpt["stain"]["stains"]
+    assert norm["source"]["pixels"] > 0  # estimated once, from the image's tissue
+    rows = _csv(tmp_path / "maps" / "big_tiles.csv")
+    windows = torch.from_numpy(np.stack([mpkd.model_input(Image.fromarray(pixels[int(r["y"]):int(r["y"]) + 40,
+                                                                              int(r["x"]):int(r["x"]) + 40]), 32)
+                                         for r in rows]))
+    restained = mpkd.normalise_stain(windows, norm["source"], norm["target"])[0]  # every window alike
+    direct = mpkd.predict(mpkd.load_model(ckpt, map_model), restained, "fp32").softmax(1)
+    classes = ckpt["identity"]["classes"]
+    assert np.allclose([[float(r[f"p_{c}"]) for c in classes] for r in rows], direct.numpy(), atol=1e-4)
+    _map(map_model, tmp_path / "big.tif", tmp_path / "per-window", "--stain-norm", "macenko-tile")
+    assert json.loads((tmp_path / "per-window" / "big_summary.json").read_text())["stain_norm"]["source"] is None
