@@ -529,13 +529,14 @@ def stain_target(args, recorded: dict | None, model_path) -> dict | None:
     return {**recorded, "from": f"the training tiles of {Path(str(model_path)).name}"}
 
 
-def folder_stain(chunks) -> dict:
-    """The stain of a folder of tiles, from chunks (lists) of uint8 (N, 3, H, W) views, a sample of
-    each chunk's pixels kept at a time (memory stays flat)."""
+def folder_stain(views: list[torch.Tensor]) -> dict:
+    """The stain of a folder of tiles: the median of its tiles' own estimates (mpkd.median_stain),
+    from uint8 (N, 3, H, W) views, at most mpkd.STAIN_TILES of them."""
+    n = sum(len(v) for v in views)
     try:
-        return mpkd.macenko_fit(torch.cat([mpkd.pixels_of(*views) for views in chunks if views]))
+        return mpkd.median_stain([f for v in views for f in mpkd.tile_stains(v, max(1, mpkd.STAIN_TILES * len(v) // n))])
     except ValueError as err:
-        raise mpkd.UserError(f"--stain-norm macenko: the tiles hold too little stained tissue ({err})") from None
+        raise mpkd.UserError(f"--stain-norm macenko: {err}") from None
 
 
 def stain_normalised(groups, target: dict, mode: str, source: dict | None = None):
@@ -543,7 +544,7 @@ def stain_normalised(groups, target: dict, mode: str, source: dict | None = None
     all of them, or given as `source` (macenko: one folder, one lab), or per view (macenko-tile);
     and what was done."""
     if mode == "macenko" and source is None:
-        source = folder_stain([[views for views, _ in groups]])
+        source = folder_stain([views for views, _ in groups])
     out, unchanged = [], 0
     for views, owner in groups:
         views, left = mpkd.normalise_stain(views, source, target)
@@ -979,12 +980,16 @@ def predict_folder(args, device) -> dict:
     tile_um = args.tile_um or predictor["tile_um"]
     if rule != "resize" and not tile_um:
         raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size: pass --tile-um")
+    if rule == "whole" and str(args.checkpoints[0]).endswith(".onnx"):
+        raise mpkd.UserError(f"--scale-rule whole makes inputs of another size than the {size} px "
+                             f"{args.checkpoints[0]} takes: use crop or cover, or the checkpoint")
     read = lambda chunk: decode_views(folder, chunk, size, rule, args.image_mpp, tile_um)
     chunks = [files[i:i + IMAGES_CHUNK] for i in range(0, len(files), IMAGES_CHUNK)]
     target = stain_target(args, predictor["stain"], args.checkpoints[0])
     source = None
-    if args.stain_norm == "macenko":  # one estimate over the folder: a first pass over it
-        source = folder_stain([views for views, _ in read(chunk)[0]] for chunk in chunks)
+    if args.stain_norm == "macenko":  # one estimate for the folder, from a sample of its tiles first
+        sample = files[::-(-len(files) // mpkd.STAIN_TILES)]  # the tiles whose estimates give the median
+        source = folder_stain([views for views, _ in read(sample)[0]])
     results, bad, views, unchanged = [], {}, 0, 0
     for i, chunk in enumerate(chunks):
         groups, errors = read(chunk)

@@ -823,7 +823,8 @@ STAIN_AUGMENT = 0.05  # --stain-augment's strength when the flag has no value (d
 MACENKO_ALPHA = 1.0  # percent: the stain vectors are the 1st and 99th percentile angles of tissue OD
 MACENKO_BETA = 0.15  # OD below which, in any channel, a pixel is glass and left out of the estimate
 MIN_STAIN_PIXELS = 256  # fewer tissue pixels (a 16 x 16 patch) give no stain estimate: fat, glass
-STAIN_PIXELS = 1_000_000  # pixels sampled, with a fixed seed, for an estimate over many tiles
+STAIN_PIXELS = 1_000_000  # an estimate from more pixels than this takes every k-th
+STAIN_TILES = 512  # a folder's stain is the median of the estimates of at most this many of its tiles
 
 
 def optical_density(x: torch.Tensor) -> torch.Tensor:
@@ -883,19 +884,40 @@ def macenko_fit(pixels: torch.Tensor) -> dict:
     return {"stains": stains.tolist(), "max_conc": max_conc.tolist(), "pixels": len(tissue)}
 
 
-def pixels_of(*images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB pixels (P, 3) of tiles, uint8 (N, 3, H, W) each: every k-th pixel of every tile,
-    k chosen so that P is at most STAIN_PIXELS: a stain estimate over a whole folder."""
-    step = -(-sum(im.numel() // 3 for im in images) // STAIN_PIXELS)
-    return torch.cat([im.cpu().permute(0, 2, 3, 1).reshape(-1, 3)[::step] for im in images])
+def tile_stain(tile: torch.Tensor) -> dict:
+    """macenko_fit of one uint8 tile (3, H, W)."""
+    return macenko_fit(tile.cpu().permute(1, 2, 0).reshape(-1, 3))
+
+
+def median_stain(fits: list[dict]) -> dict:
+    """The stain of many tiles: the median of their own Macenko estimates (stain vectors brought
+    back to unit length). A pooled estimate takes its stain vectors from the extreme 1% of all
+    pixels' angles, which a few odd tiles (ink, a fold, another stain) decide; a median is
+    decided by the typical tile (docs/generalisation.md)."""
+    if not fits:
+        raise ValueError("no tile holds enough stained tissue for an estimate")
+    stains = torch.tensor([f["stains"] for f in fits], dtype=torch.float64).median(0).values
+    return {"stains": torch.nn.functional.normalize(stains, dim=1).tolist(),
+            "max_conc": torch.tensor([f["max_conc"] for f in fits], dtype=torch.float64).median(0).values.tolist(),
+            "pixels": sum(f["pixels"] for f in fits), "tiles": len(fits)}
+
+
+def tile_stains(images: torch.Tensor, most: int = STAIN_TILES) -> list[dict]:
+    """The own Macenko estimates of every k-th of uint8 tiles (N, 3, H, W), at most `most` of them;
+    tiles of too little stained tissue (fat, glass) give none."""
+    fits = []
+    for tile in images[::-(-len(images) // most)] if len(images) else []:
+        with contextlib.suppress(ValueError):
+            fits.append(tile_stain(tile))
+    return fits
 
 
 def stain_record(images: torch.Tensor) -> dict | None:
     """The stain of a model's training tiles, uint8 (N, 3, S, S), recorded in its checkpoint as the
-    target of --stain-norm (so the data folder is not needed later); None where they hold too
-    little stained tissue to estimate it."""
+    target of --stain-norm (so the data folder is not needed later): their median_stain; None
+    where no tile holds enough stained tissue."""
     try:
-        return macenko_fit(pixels_of(images))
+        return median_stain(tile_stains(images))
     except ValueError:
         return None
 
@@ -909,7 +931,7 @@ def normalise_stain(images: torch.Tensor, source: dict | None, target: dict) -> 
     out, unchanged = images.clone(), 0
     for i, tile in enumerate(images):
         try:
-            out[i] = macenko_apply(tile[None], macenko_fit(pixels_of(tile[None])), target)[0]
+            out[i] = macenko_apply(tile[None], tile_stain(tile), target)[0]
         except ValueError:
             unchanged += 1
     return out, unchanged

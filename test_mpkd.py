@@ -2004,7 +2004,7 @@ def test_stain_augmentation_is_seeded_recorded_and_changes_training(data_dir, tm
     assert same(a, b) and not same(a, c) and not same(a, d)
     assert (a["args"]["stain_augment"], c["args"]["stain_augment"], d["args"]["stain_augment"]) == (mpkd.STAIN_AUGMENT, None, 0.2)
     assert evaluate.method_name(a) == "student alone, stain-augmented" and evaluate.method_name(c) == "student alone"
-    assert set(a["stain"]) == {"stains", "max_conc", "pixels"}  # the training tiles' stain, for --stain-norm
+    assert set(a["stain"]) == {"stains", "max_conc", "pixels", "tiles"}  # the training tiles' stain, for --stain-norm
     with pytest.raises(mpkd.UserError, match="--stain-augment 1.5 must be in"):
         distill.main(distill.get_args(argv + ["--out", str(tmp_path / "e.pt"), "--stain-augment", "1.5"]))
 
@@ -2153,3 +2153,18 @@ def test_map_stain_normalised_from_the_images_own_tissue(map_model, tmp_path):
     assert np.allclose([[float(r[f"p_{c}"]) for c in classes] for r in rows], direct.numpy(), atol=1e-4)
     _map(map_model, tmp_path / "big.tif", tmp_path / "per-window", "--stain-norm", "macenko-tile")
     assert json.loads((tmp_path / "per-window" / "big_summary.json").read_text())["stain_norm"]["source"] is None
+
+
+def test_a_folders_stain_is_the_median_of_its_tiles_and_odd_tiles_do_not_decide_it():
+    unit = lambda rows: [list(np.asarray(r) / np.linalg.norm(r)) for r in rows]
+    stains = unit([[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]])
+    odd = unit([[0.45, 0.45, 0.77], [0.30, 0.93, 0.22]])  # two tiles of another stain (ink, say)
+    images = torch.stack([_stained_tile(stains, seed=i)[0] for i in range(7)] + [_stained_tile(odd, seed=9 + i)[0]
+                                                                                  for i in range(2)])
+    folder = mpkd.median_stain(mpkd.tile_stains(images))
+    assert folder["tiles"] == 9 and (np.asarray(folder["stains"]) * np.asarray(stains)).sum(1).min() > 0.999
+    pooled = mpkd.macenko_fit(images.permute(0, 2, 3, 1).reshape(-1, 3))  # all pixels as one estimate
+    assert (np.asarray(pooled["stains"]) * np.asarray(stains)).sum(1).min() < 0.99  # pulled by the 2 odd tiles
+    assert len(mpkd.tile_stains(images, most=3)) == 3  # every 3rd tile
+    with pytest.raises(ValueError, match="no tile"):
+        mpkd.median_stain([])
