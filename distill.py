@@ -5,6 +5,7 @@
     python distill.py --distill-weight 0 --out alone.pt       # the student alone: no teacher file
     python distill.py --anchors 5,15,30,50 --out anchors.pt   # chosen stored epochs, spread evenly
     python distill.py --anchors auto --out auto.pt            # anchors the student chooses itself
+    python distill.py --ensemble all --out ensemble.pt        # a snapshot ensemble of the stored epochs
 
 The KD target of every image is the stored teacher logits of exactly the view (plain or mirrored)
 the student is trained on, so no teacher runs during distillation. Writes student.pt and
@@ -16,6 +17,8 @@ divergence from, and top-1 agreement with, every stored teacher epoch on the val
 import argparse
 import sys
 from pathlib import Path
+
+import torch
 
 import mpkd
 
@@ -39,6 +42,9 @@ def get_args(argv=None):
     p.add_argument("--anchors", default=None,
                    help="comma-separated stored teacher epochs to follow, e.g. 5,15,30,50; or auto: "
                         "the student moves along the stored epochs by the greedy rule of --auto-threshold")
+    p.add_argument("--ensemble", default=None, metavar="EPOCHS",
+                   help="learn from a snapshot ensemble of stored teacher epochs, a comma list or all: "
+                        "the KD target is the mean of their softened distributions, in every epoch")
     p.add_argument("--auto-threshold", type=float, default=AUTO_THRESHOLD,
                    help="--anchors auto: the student is close to a stored epoch when its KL from it is at "
                         "most this times the untrained student's KL from the final teacher; it moves on "
@@ -105,10 +111,15 @@ def read_teacher(args):
 
 def teacher_anchors(args, teacher):
     """The stored epochs to follow: all (--multipart or --anchors auto, which chooses among them),
-    chosen (--anchors) or the last; [] for the student alone."""
+    chosen (--anchors) or the last; the members of --ensemble; [] for the student alone."""
     if args.distill_weight == 0:
         return []
     stored = list(teacher["logits"])
+    if args.ensemble:
+        clash = next((flag for flag, on in (("--multipart", args.multipart), ("--anchors", args.anchors)) if on), None)
+        if clash:
+            raise mpkd.UserError(f"--ensemble and {clash} are two methods: give one of them")
+        return mpkd.parse_anchors(args.ensemble, stored, "--ensemble")
     if args.anchors == "auto":
         if "val_logits" not in teacher or not args.val_frac:
             raise mpkd.UserError(
@@ -122,6 +133,18 @@ def teacher_anchors(args, teacher):
         warn(f"warning: {args.teacher_logits} holds only teacher epoch {stored[0]}: "
              f"--multipart is vanilla KD with this file")
     return sorted(stored) if args.multipart else [max(stored)]
+
+
+def warn_near_uniform(args, teacher, anchors) -> None:
+    """A warning naming the anchors whose softened targets are near uniform (a teacher trained from
+    scratch, in its first epochs): they teach little, and Multi-Part KD then spends epochs on them."""
+    near = {e: u for e in anchors if (u := mpkd.target_uniformity(teacher["logits"][e], args.temperature))
+            > mpkd.NEAR_UNIFORM}
+    if near and len(near) < len(anchors):
+        kept = ",".join(str(e) for e in anchors if e not in near)
+        warn(f"warning: at T = {args.temperature:g} the targets of teacher epochs {', '.join(map(str, near))} are "
+             f"near uniform (entropy {', '.join(f'{u:.2f}' for u in near.values())} of the maximum): they teach "
+             f"little; a teacher trained from scratch? --anchors {kept} leaves them out (docs/own-loop.md)")
 
 
 def route_logits(args, teacher, val, device):
@@ -140,12 +163,12 @@ def student_hooks(args, anchors, teacher_val):
     """fit()'s after_epoch: the stored epoch followed, the route, and for --anchors auto the choice
     of the next anchor (kept in the resumable state, so a resumed run chooses the same)."""
     auto = args.anchors == "auto"
-    schedule = mpkd.teacher_schedule(args.epochs, anchors) if anchors and not auto else None
+    schedule = mpkd.teacher_schedule(args.epochs, anchors) if anchors and not (auto or args.ensemble) else None
     final_epochs = -(-args.epochs // len(anchors)) if anchors else 0  # the final teacher's equal share
 
     def after_epoch(done, model, extra, val_logits):
         record = {}
-        if anchors:
+        if schedule or auto:  # an ensemble follows all its members in every epoch
             record["teacher_epoch"] = extra["auto"]["current"] if auto else schedule[done - 1]
         if teacher_val is not None:
             record["route"] = mpkd.route(val_logits, teacher_val, args.temperature)
@@ -164,6 +187,22 @@ def student_hooks(args, anchors, teacher_val):
         return record
 
     return schedule, after_epoch
+
+
+def kd_targets(args, teacher, anchors, schedule, n_train, device):
+    """fit()'s teacher_logits_for(epoch, extra): the stored logits (N_train, 2, C) of the epoch
+    scheduled, or chosen so far by --anchors auto; for --ensemble those of all its members, (N_train,
+    2, M, C), in every epoch. None for the student alone."""
+    if not anchors:
+        return None
+    stored = {epoch: teacher["logits"][epoch].to(device) for epoch in anchors}  # (N_train, 2, C) each
+    if len(stored[anchors[0]]) != n_train:
+        raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training "
+                             f"images, the split has {n_train}")
+    if args.ensemble:
+        members = torch.stack([stored[epoch] for epoch in anchors], 2)
+        return lambda epoch, extra: members
+    return lambda epoch, extra: stored[schedule[epoch] if schedule else extra["auto"]["current"]]
 
 
 def main(args):
@@ -185,18 +224,16 @@ def main(args):
     anchors = teacher_anchors(args, teacher)
     if teacher is not None:  # the teacher's data, split and classes, or a refusal naming the difference
         mpkd.check_same_data(teacher["identity"], data["identity"], args.teacher_logits)
-    method = mpkd.kd_method(args.distill_weight, anchors, args.anchors == "auto")
+    method = mpkd.kd_method(args.distill_weight, anchors, args.anchors == "auto", bool(args.ensemble))
+    warn_near_uniform(args, teacher, anchors)
     mpkd.seed_everything(args.seed)  # before decoding: missing --weights stop the run at once
     model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
                               args.weights if state is None else None)
     model = mpkd.to_device(model, device)
     train, val = mpkd.decode_for_training(data, device, args.batch_size, print, warn)
-    stored = {epoch: teacher["logits"][epoch].to(device) for epoch in anchors}  # (N_train, 2, C) each
-    if anchors and len(stored[anchors[0]]) != len(train["labels"]):
-        raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training "
-                             f"images, the split has {len(train['labels'])}")
     teacher_val = route_logits(args, teacher, val, device)
     schedule, after_epoch = student_hooks(args, anchors, teacher_val)
+    teacher_logits_for = kd_targets(args, teacher, anchors, schedule, len(train["labels"]), device)
     start = None
     if args.anchors == "auto" and state is None:  # the route's length: untrained student to final teacher
         untrained = mpkd.predict(model, val["images"], precision)
@@ -208,17 +245,15 @@ def main(args):
     print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
           f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
           f"on {device} in {precision}{followed}")
-    def teacher_logits_for(epoch, extra):  # the stored epoch scheduled, or chosen so far by auto
-        return stored[schedule[epoch] if schedule else extra["auto"]["current"]]
-
-    run = mpkd.fit(model, train, val, config, data["identity"], state,
-                   teacher_logits_for=teacher_logits_for if anchors else None,
+    run = mpkd.fit(model, train, val, config, data["identity"], state, teacher_logits_for=teacher_logits_for,
                    after_epoch=after_epoch, say=print, extra=start)
     checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
     checkpoint["tile"] = mpkd.tile_record(data, args.mpp)  # the field of view, for tissue maps
     checkpoint["stain"] = mpkd.stain_record(train["images"])  # the target of evaluate.py --stain-norm
-    if anchors:  # the stored teacher epoch each student epoch followed, as chosen or scheduled
+    if schedule or args.anchors == "auto":  # the stored teacher epoch each student epoch followed
         checkpoint["schedule"] = [r["teacher_epoch"] for r in run["history"]]
+    if args.ensemble:
+        checkpoint["ensemble"] = anchors
     mpkd.save_atomic(checkpoint, args.out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(f"wrote {args.out} ({method})" + (f"; teacher epochs followed: {checkpoint['schedule']}"

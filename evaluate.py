@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -39,9 +40,10 @@ from PIL import Image, ImageDraw
 import mpkd
 
 ROW_COLOURS = {"teacher": "#444444", "student alone": "#1f77b4", "vanilla KD": "#ff7f0e",
-               "Multi-Part KD": "#2ca02c", "Multi-Part KD, auto anchors": "#9467bd"}
+               "Multi-Part KD": "#2ca02c", "Multi-Part KD, auto anchors": "#9467bd", "snapshot ensemble KD": "#d62728"}
 TABLE2_PAIRS = [("Multi-Part KD", "vanilla KD"), ("vanilla KD", "student alone"),
-                ("Multi-Part KD", "student alone"), ("Multi-Part KD, auto anchors", "Multi-Part KD")]
+                ("Multi-Part KD", "student alone"), ("Multi-Part KD, auto anchors", "Multi-Part KD"),
+                ("snapshot ensemble KD", "Multi-Part KD"), ("snapshot ensemble KD", "vanilla KD")]
 STAIN_AUGMENTED = ", stain-augmented"  # appended to the row of a checkpoint trained with --stain-augment
 IMAGES_CHUNK = 1024  # tiles decoded and predicted at a time by --images: memory stays flat
 
@@ -257,7 +259,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["method"], row["network"]), []).append(row)
     rank = {method: i for i, method in enumerate(mpkd.METHODS)}  # Table II's order, others after
     out = []
-    for method, net in sorted(groups, key=lambda k: (rank.get(k[0], len(rank)), k[1])):
+    for method, net in sorted(groups, key=lambda k: (rank.get(base_method(k[0]), len(rank)), k[0], k[1])):
         stats = mean_interval([r["accuracy"] for r in groups[(method, net)]])
         first = groups[(method, net)][0]
         out.append({"method": method, "network": net, "n": stats["n"], "accuracy_mean": stats["mean"],
@@ -392,14 +394,14 @@ def export_checkpoint(path, args, device, cache) -> dict:
 
 
 def base_method(method: str) -> str:
-    """A row's Table II method, without the mark of stain augmentation."""
-    return method.removesuffix(STAIN_AUGMENTED)
+    """A row's Table II method, without the mark of stain augmentation and an ensemble's epochs."""
+    return re.sub(r" \(epochs [\d, ]+\)", "", method.removesuffix(STAIN_AUGMENTED))
 
 
 def table2_pair(a: str, b: str) -> int | None:
     """The place of rows (a, b) among the Table II pairs McNemar's test is printed for: the same
     pair of methods, both trained with stain augmentation or both without; None for other pairs."""
-    same_kind = (a == base_method(a)) == (b == base_method(b))
+    same_kind = a.endswith(STAIN_AUGMENTED) == b.endswith(STAIN_AUGMENTED)
     pair = (base_method(a), base_method(b))
     return TABLE2_PAIRS.index(pair) if same_kind and pair in TABLE2_PAIRS else None
 

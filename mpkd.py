@@ -30,7 +30,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.multiprocessing  # noqa: F401  (shares tensors with worker processes)
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ LOGITS_FORMAT = "mpkd-teacher-logits/2"  # the stored teacher logits, keyed by s
 OLD_LOGITS_FORMAT = "mpkd-teacher-outputs/1"  # the same content under its earlier names; still read
 STATE_FORMAT = "mpkd-state/2"
 METHODS = ("teacher", "student alone", "vanilla KD", "Multi-Part KD",  # Table II's rows, in order,
-           "Multi-Part KD, auto anchors")  # and the row of distill.py --anchors auto
+           "Multi-Part KD, auto anchors", "snapshot ensemble KD")  # and those of --anchors auto, --ensemble
 RESUME_FREE_ARGS = ("resume", "device", "compile")  # may change between a run and its resume
 
 
@@ -64,32 +63,40 @@ class Interrupted(KeyboardInterrupt):
 
 
 # ----------------------------------------------------------------------------------------------
-# The method: the KD loss (Hinton et al. 2015; the paper's eq. 3 and 4) and the schedule that
-# decides which stored teacher epoch the student follows in each of its epochs (Multi-Part KD).
-
-
-def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T) over the class dimension: (B, C) -> (B, C)."""
-    return F.softmax(logits / temperature, dim=-1)
+# The method, to copy into your own training loop: plain torch, nothing else of this file needed
+# (docs/own-loop.md shows them in a DataLoader loop). The KD loss (Hinton et al. 2015; the paper's
+# eq. 3 and 4); the schedule that decides which stored teacher epoch the student follows in each of
+# its epochs (Multi-Part KD); the teacher's logits as they are stored (eval mode); and the lookup of
+# a batch's stored teacher logits by the images' indices in the dataset.
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             temperature: float, distill_weight: float) -> torch.Tensor:
-    """(1 - w) * CE(labels, S) + w * T^2 * KL(soften(teacher, T) || soften(student, T)); a scalar.
+    """(1 - w) * CE(labels, S) + w * T^2 * KL(P_T || softmax(student / T)); a scalar.
 
-    Shapes: logits (B, C), labels (B,). Both terms are batch means (KL with reduction="batchmean",
-    computed from log-probabilities with log_target=True, which is stable for small probabilities).
-    The paper's eq. (3) softens both networks with temperature T and eq. (4) adds lambda * H(T, S)
-    to the cross-entropy; H(T, S) and KL(T || S) differ by the teacher's entropy, a constant for
-    the student, so the gradients agree. The T^2 factor (keeping the soft term's gradient scale
-    independent of T) and the (1 - w) weighting with the paper's "distill weight 0.5" follow Hinton
-    et al. (2015). w = 0 is plain cross-entropy and ignores `teacher_logits`.
+    The target P_T is the teacher's softened distribution softmax(teacher / T), teacher logits
+    (B, C); or, for teacher logits (B, M, C) of M teachers (a snapshot ensemble), the mean of their
+    M softened distributions. Student logits (B, C), labels (B,). Both terms are batch means (KL
+    with reduction="batchmean", computed from log-probabilities with log_target=True, which is
+    stable for small probabilities). The paper's eq. (3) softens both networks with temperature T
+    and eq. (4) adds lambda * H(T, S) to the cross-entropy; H(T, S) and KL(T || S) differ by the
+    teacher's entropy, a constant for the student, so the gradients agree. The T^2 factor (keeping
+    the soft term's gradient scale independent of T) and the (1 - w) weighting with the paper's
+    "distill weight 0.5" follow Hinton et al. (2015). w = 0 is plain cross-entropy and ignores
+    `teacher_logits`.
+
+    An ensemble averages distributions, not logits: the mean of the members' logits is a product
+    of their distributions (their agreement, sharpened), and it is ruled by the members with the
+    largest logits (the late epochs), whereas the mean distribution is what the ensemble predicts,
+    every member weighing alike. One member gives exactly the single-teacher loss.
     """
     ce = F.cross_entropy(student_logits.float(), labels)
     if distill_weight == 0:
         return ce
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    teachers = teacher_logits.float() if teacher_logits.dim() == 3 else teacher_logits.float()[:, None]  # (B, M, C)
+    # log of the mean of the M softened distributions, from log-probabilities: log P_T (B, C)
+    log_t = torch.logsumexp(F.log_softmax(teachers / temperature, dim=-1), dim=1) - math.log(teachers.shape[1])
     kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
     return (1 - distill_weight) * ce + distill_weight * temperature**2 * kl
 
@@ -97,7 +104,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 def teacher_schedule(student_epochs: int, stored_epochs: list[int]) -> list[int]:
     """For every student epoch e (0-based), the stored teacher epoch whose logits are its target.
 
-    With E student epochs and K stored epochs (ascending), epoch e follows stored epoch number
+    Stored epoch k is the teacher after k completed epochs, counted from 1 (the paper's "teacher at
+    epoch 5" has trained five epochs). With E student epochs and K stored epochs, epoch e follows
+    stored epoch number
     ceil((e + 1) * K / E) - 1: intervals as even as possible, the last student epoch always learns
     from the final teacher, and only stored epochs are returned. 50 epochs over [5, 10, ..., 50]
     gives [5] * 5 + [10] * 5 + ... + [50] * 5, the paper's schedule.
@@ -109,16 +118,60 @@ def teacher_schedule(student_epochs: int, stored_epochs: list[int]) -> list[int]
     return [stored[-((-(e + 1) * k) // student_epochs) - 1] for e in range(student_epochs)]
 
 
-def parse_anchors(text: str, stored: list[int]) -> list[int]:
-    """'5,15,30,50' -> [5, 15, 30, 50], refusing epochs that the teacher logits file does not hold."""
+@torch.no_grad()
+def eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) in eval mode (BatchNorm's running statistics, no dropout), without gradients: the
+    logits (B, C) of a batch, as the teacher's are stored. The model's own train/eval mode is
+    restored afterwards, whichever it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+
+
+def stored_logits(stored: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch's stored teacher logits (B, C): rows `index` (B,) of `stored`, where row i belongs to
+    image i of the dataset in the dataset's own order (a shuffling DataLoader changes the batches,
+    not that order, so a dataset that returns each image's index finds its row). `stored` is (N, C),
+    or (N, V, C) with one row per view of every image (this project: 0 plain, 1 mirrored), and then
+    `view` (B,) says which view each image of the batch was shown in."""
+    return stored[index] if view is None else stored[index, view]
+
+
+# The rest of the method as this project runs it: anchors chosen or followed, and the route.
+
+
+def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) over the class dimension: (B, C) -> (B, C)."""
+    return F.softmax(logits / temperature, dim=-1)
+
+
+NEAR_UNIFORM = 0.95  # softened targets at least this uniform teach little (docs/own-loop.md)
+
+
+def target_uniformity(logits: torch.Tensor, temperature: float) -> float:
+    """How little stored teacher logits (..., C) teach at temperature T: the mean entropy of
+    softmax(logits / T) over their rows, divided by log C (1: uniform targets, 0: one-hot). A
+    teacher trained from scratch starts near 1, a pretrained one well below."""
+    p = soften(logits.float(), temperature)
+    return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(p.shape[-1]))
+
+
+def parse_anchors(text: str, stored: list[int], flag: str = "--anchors") -> list[int]:
+    """'5,15,30,50' -> [5, 15, 30, 50] ('all': every stored epoch), refusing epochs that the teacher
+    logits file does not hold; `flag` names the option in messages."""
+    if text == "all":
+        return sorted(stored)
     try:
         anchors = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise UserError(f"--anchors {text!r} must be comma-separated teacher epochs, "
+        raise UserError(f"{flag} {text!r} must be comma-separated teacher epochs, "
                         f"e.g. 5,15,30,50") from None
     unknown = [a for a in anchors if a not in stored]
     if not anchors or unknown:
-        raise UserError(f"--anchors {text}: epochs {unknown} are not stored; "
+        raise UserError(f"{flag} {text}: epochs {unknown} are not stored; "
                         f"stored epochs are {sorted(stored)}")
     return anchors
 
@@ -173,6 +226,8 @@ def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | P
                  ) -> torch.nn.Module:
     """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, starting from ImageNet
     weights if asked: from the file `weights` when given, else from timm's cache or its hub."""
+    import timm  # here, not at the top: it doubles what `import mpkd` loads (2,697 modules, not 1,2xx)
+
     if not timm.is_model(name):
         raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
     if weights is not None:
@@ -197,6 +252,7 @@ def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | P
 def _cached_weights(name: str) -> str | None:
     """The file of `name`'s default pretrained weights in the Hugging Face cache, if it is there."""
     try:
+        import timm
         from huggingface_hub import try_to_load_from_cache
         hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
     except (ImportError, AttributeError, RuntimeError):
@@ -799,7 +855,11 @@ def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size:
 def normalise(images: torch.Tensor, flip: torch.Tensor | None = None,
               stain: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, HED-jittered where `stain` (B, 2, 3) is given (hed_jitter's
-    scale and shift of each stain), mirrored where `flip` (B,) is true, ImageNet-normalised."""
+    scale and shift of each stain), mirrored where `flip` (B,) is true, ImageNet-normalised.
+    Images of another dtype are refused: floats in 0..1 would be read as near-black."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalise takes uint8 images (B, 3, H, W) in 0..255, not {images.dtype}; "
+                        f"for float images in 0..1 use (x * 255).round().to(torch.uint8)")
     x = images.float()
     if stain is not None:
         x = hed_jitter(x, stain[:, 0], stain[:, 1])
@@ -1096,19 +1156,19 @@ def sync(device: torch.device) -> None:
 @torch.inference_mode()
 def predict(model, images: torch.Tensor, precision: str, flip: bool = False) -> torch.Tensor:
     """Eval-mode logits (N, C) float32 of uint8 images (N, 3, S, S), mirrored if `flip`, on the
-    images' device, computed in `precision` ('fp32' or 'bf16')."""
-    model.eval()
+    images' device, computed in `precision` ('fp32' or 'bf16'); the model's mode is left as it was."""
     outs, batch = [], eval_batch(images.device)
     for first in range(0, len(images), batch):
         x = images[first:first + batch]
         with autocast(images.device, precision):
-            outs.append(model(channels_last(normalise(x.flip(3) if flip else x))).float())
+            outs.append(eval_logits(model, channels_last(normalise(x.flip(3) if flip else x))).float())
     return torch.cat(outs)
 
 
 def both_views_logits(model, images: torch.Tensor, precision: str) -> torch.Tensor:
-    """Logits (N, 2, C) on the CPU, as the teacher stores them: [:, 0] of every image, [:, 1] of its
-    mirror, so that a student trained on either view has the teacher's logits of that very view."""
+    """Logits (N, 2, C) on the CPU of uint8 images (N, 3, S, S), as the teacher stores them: [:, 0]
+    of every image, [:, 1] of its mirror, so that a student trained on either view has the teacher's
+    logits of that very view (stored_logits with view = flip)."""
     plain, mirrored = predict(model, images, precision), predict(model, images, precision, flip=True)
     return torch.stack([plain, mirrored], dim=1).cpu()
 
@@ -1153,7 +1213,7 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
         with autocast(device, precision):
             logits = model(x)  # (B, C)
         # the teacher's logits of exactly the view (plain or mirrored) the student sees: (B, C)
-        teacher = None if teacher_logits is None else teacher_logits[idx, flip.long()]
+        teacher = None if teacher_logits is None else stored_logits(teacher_logits, idx, flip.long())
         loss = kd_loss(logits, teacher, labels[idx], temperature, distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1304,11 +1364,13 @@ def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
     return model
 
 
-def kd_method(distill_weight: float, anchors: list[int], auto: bool = False) -> str:
-    """Table II's row for a student: alone, vanilla KD (one teacher epoch), Multi-Part KD, or
-    Multi-Part KD with anchors it chose itself."""
+def kd_method(distill_weight: float, anchors: list[int], auto: bool = False, ensemble: bool = False) -> str:
+    """Table II's row for a student: alone, vanilla KD (one teacher epoch), Multi-Part KD,
+    Multi-Part KD with anchors it chose itself, or a snapshot ensemble of stored epochs."""
     if distill_weight == 0:
         return "student alone"
+    if ensemble:
+        return f"snapshot ensemble KD (epochs {', '.join(map(str, anchors))})"
     if auto:
         return "Multi-Part KD, auto anchors"
     return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"

@@ -1105,7 +1105,8 @@ def test_timed_turns_alternate_so_that_drift_cancels():
 
 def _imagenet_weights(tmp_path, name, suffix):
     """A fake ImageNet weights file as timm publishes them: a 1000-class state dict."""
-    model = mpkd.timm.create_model(name, num_classes=1000)
+    import timm
+    model = timm.create_model(name, num_classes=1000)
     path = tmp_path / f"{name}_imagenet{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -2168,3 +2169,140 @@ def test_a_folders_stain_is_the_median_of_its_tiles_and_odd_tiles_do_not_decide_
     assert len(mpkd.tile_stains(images, most=3)) == 3  # every 3rd tile
     with pytest.raises(ValueError, match="no tile"):
         mpkd.median_stain([])
+
+
+# ----------------------------------------------------------------------------------------------
+# The method in anyone's own loop (docs/own-loop.md)
+
+
+def test_own_loop_recipe_runs_as_pasted(tmp_path):
+    text = (HERE / "docs" / "own-loop.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(code.splitlines()) <= 60
+    (tmp_path / "recipe.py").write_text(code)
+    proc = subprocess.run([sys.executable, "recipe.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = dict(re.findall(r"^(.*): (\d+) of 256 training images right$", proc.stdout, re.M))
+    assert set(found) == {"Multi-Part KD", "vanilla KD"} and all(int(n) > 3 * 256 // 4 for n in found.values())
+
+
+def test_stored_logits_find_each_images_own_row_under_a_shuffling_loader():
+    n, classes = 50, 3
+    stored = torch.randn(n, 2, classes)  # (N, views, C)
+    data = torch.utils.data.TensorDataset(torch.arange(n) * 10)  # an "image" that says which it is
+    seen = 0
+    for (values,) in torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        index, view = values // 10, (values // 10) % 2  # what a dataset returning its index gives back
+        assert torch.equal(mpkd.stored_logits(stored, index, view), torch.stack([stored[i, i % 2] for i in index.tolist()]))
+        assert torch.equal(mpkd.stored_logits(stored[:, 0], index), stored[index, 0])
+        seen += len(index)
+    assert seen == n
+
+
+def test_eval_logits_and_predict_restore_the_models_mode_and_uint8_is_required():
+    model = mpkd.build_mixnet("mixnet_s", 4, pretrained=False)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for mode in (True, False):
+        model.train(mode)
+        logits = mpkd.eval_logits(model, mpkd.normalise(x))
+        assert model.training is mode and not logits.requires_grad
+        mpkd.predict(model, x, "fp32")
+        assert model.training is mode
+    model.eval()
+    # predict is eval_logits in batches, channels_last: the same up to float rounding
+    assert torch.allclose(mpkd.eval_logits(model, mpkd.normalise(x)), mpkd.predict(model, x, "fp32"), atol=1e-5)
+    for wrong in (x.float() / 255, x.float(), x.long()):
+        with pytest.raises(TypeError, match="uint8 images .* not torch"):
+            mpkd.predict(model, wrong, "fp32")
+        with pytest.raises(TypeError, match="uint8"):
+            mpkd.both_views_logits(model, wrong, "fp32")
+
+
+def test_import_mpkd_loads_little_more_than_torch():
+    def modules(imports):
+        proc = subprocess.run([sys.executable, "-c", f"import sys, {imports}; print('timm' in sys.modules, len(sys.modules))"],
+                              cwd=HERE, capture_output=True, text=True, timeout=120)
+        loaded, count = proc.stdout.split()
+        return loaded == "True", int(count)
+    timm_loaded, count = modules("mpkd")
+    assert not timm_loaded and count <= modules("torch, numpy, PIL.Image")[1] + 20  # timm: when a network is built
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshot-ensemble teacher (distill.py --ensemble)
+
+
+def test_ensemble_target_is_the_mean_softened_distribution_and_one_member_is_the_paper():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 3, 5) * 3, torch.randint(0, 5, (6,))
+    T, w = 4.0, 0.5
+    target = torch.stack([F.softmax(t[:, m] / T, 1) for m in range(3)]).mean(0)  # by hand: (B, C)
+    ps = F.softmax(s / T, 1)
+    kl = (target * (target.log() - ps.log())).sum(1).mean()
+    expected = (1 - w) * F.cross_entropy(s, y) + w * T ** 2 * kl
+    assert torch.allclose(mpkd.kd_loss(s, t, y, T, w), expected, atol=1e-6)
+    logit_mean = mpkd.kd_loss(s, t.mean(1), y, T, w)  # averaging logits is another target
+    assert not torch.allclose(logit_mean, expected, atol=1e-3)
+    assert torch.equal(mpkd.kd_loss(s, t[:, :1], y, T, w), mpkd.kd_loss(s, t[:, 0], y, T, w))  # exactly
+
+
+def test_ensemble_of_one_epoch_trains_like_that_anchor_and_all_is_every_stored_epoch(trained, data_dir, tmp_path,
+                                                                                     capsys):
+    run = lambda out, *flags: distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / out, *flags)))
+    run("anchor.pt", "--anchors", "2")
+    run("one.pt", "--ensemble", "2")
+    run("all.pt", "--ensemble", "all")
+    anchor, one, everything = (mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in ("anchor.pt", "one.pt", "all.pt"))
+    assert all(torch.equal(one["state_dict"][k], v) for k, v in anchor["state_dict"].items())
+    assert (one["method"], anchor["method"]) == ("snapshot ensemble KD (epochs 2)", "vanilla KD")
+    assert everything["ensemble"] == [1, 2, 3] and everything["method"] == "snapshot ensemble KD (epochs 1, 2, 3)"
+    assert "schedule" not in everything and all("route" in r and "teacher_epoch" not in r for r in everything["history"])
+    capsys.readouterr()
+    rows = evaluate.main(evaluate.get_args([str(tmp_path / n) for n in ("anchor.pt", "all.pt")] + ["--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert [r["method"] for r in rows] == ["vanilla KD", "snapshot ensemble KD (epochs 1, 2, 3)"]
+    assert "seed 0: snapshot ensemble KD (epochs 1, 2, 3) vs vanilla KD:" in out
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--ensemble", "all", "--multipart"], "--ensemble and --multipart are two methods"),
+    (["--ensemble", "1,2", "--anchors", "1,2"], "--ensemble and --anchors are two methods"),
+    (["--ensemble", "1,7"], r"--ensemble 1,7: epochs \[7\] are not stored; stored epochs are \[1, 2, 3\]"),
+    (["--ensemble", "one"], "--ensemble 'one' must be comma-separated"),
+])
+def test_ensemble_conflicts_and_unknown_epochs_are_one_line(trained, data_dir, tmp_path, flags, match):
+    with pytest.raises(mpkd.UserError, match=match):
+        distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt", *flags)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_ensemble_run_resumes_bit_identically(trained, data_dir, tmp_path, monkeypatch):
+    argv = student_argv(data_dir, trained, tmp_path / "a.pt", "--ensemble", "all", "--epochs", "4")
+    distill.main(distill.get_args(argv))
+    reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
+    argv = student_argv(data_dir, trained, tmp_path / "b.pt", "--ensemble", "all", "--epochs", "4")
+    real = _interrupt_epoch(monkeypatch, 3)
+    with pytest.raises(mpkd.Interrupted, match="epoch 2 is saved"):
+        distill.main(distill.get_args(argv))
+    monkeypatch.setattr(mpkd, "train_one_epoch", real)
+    distill.main(distill.get_args(argv + ["--resume"]))
+    resumed = mpkd.load_file(tmp_path / "b.pt", mpkd.CHECKPOINT_FORMAT)
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    assert without_timing(resumed["history"]) == without_timing(reference["history"])
+
+
+def test_near_uniform_early_targets_are_named_with_the_anchors_that_leave_them_out(trained, data_dir, tmp_path,
+                                                                                  capsys):
+    stored = mpkd.load_teacher_logits(trained / "teacher_logits.pt")
+    stored["logits"][1] = torch.zeros_like(stored["logits"][1])  # a teacher that has learnt nothing yet
+    stored["logits"][3] = stored["logits"][3] * 100  # and a confident one
+    mpkd.save_atomic(stored, tmp_path / "teacher_logits.pt")
+    assert mpkd.target_uniformity(stored["logits"][1], 5.0) == pytest.approx(1.0)
+    assert mpkd.target_uniformity(stored["logits"][3], 5.0) < 0.5
+    distill.main(distill.get_args(["--data", str(data_dir), "--teacher-logits", str(tmp_path / "teacher_logits.pt"),
+                                   "--out", str(tmp_path / "s.pt"), "--epochs", "2", "--multipart", *FAST]))
+    err = capsys.readouterr().err
+    assert "targets of teacher epochs 1 are near uniform (entropy 1.00" in err
+    kept = ",".join(str(e) for e in (2, 3) if mpkd.target_uniformity(stored["logits"][e], 5.0) <= mpkd.NEAR_UNIFORM)
+    assert f"--anchors {kept} leaves them out" in err
