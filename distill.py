@@ -26,7 +26,7 @@ AUTO_THRESHOLD = 0.5  # --auto-threshold's default; how it was chosen: README, "
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),  # the first sentence, whole
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None,
                    help="folder of class folders (unset: in distill.py the folder the teacher logits "

@@ -49,7 +49,7 @@ IMAGES_CHUNK = 1024  # tiles decoded and predicted at a time by --images: memory
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),  # the first sentence, whole
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="checkpoints written by train_teacher.py or distill.py")
     p.add_argument("--data", default=None,
@@ -93,7 +93,7 @@ def get_args(argv=None):
                    help="--external and --images with a known scale: crop (the training field of view at "
                         "the training scale, centred), cover (the fewest such fields covering the tile, "
                         "logits averaged), whole (the tile at the training scale, one larger input), or "
-                        "resize (squeezed whole; what runs without a scale) (unset: crop)")
+                        "resize (squeezed whole; what runs without a scale) (unset: cover)")
     p.add_argument("--stain-norm", choices=("macenko", "macenko-tile"), default=None,
                    help="--external, --images, --map: restain to the training tiles' stain (recorded in "
                         "the checkpoint) or --stain-ref's, Macenko's method with the stain estimated over "
@@ -312,7 +312,8 @@ def mcnemar_pairs(rows: list[dict]) -> list[dict]:
 
 def load_checkpoint(path) -> dict:
     """A checkpoint, with the Table II row name of checkpoints written before it was used."""
-    ckpt = mpkd.load_file(path, mpkd.CHECKPOINT_FORMAT)
+    ckpt = mpkd.load_file(path, mpkd.CHECKPOINT_FORMAT, mpkd.FILE_KINDS[mpkd.CHECKPOINT_FORMAT]
+                          + ", or for --images and --map an .onnx file written by --export")
     if ckpt["method"] == "student":
         ckpt["method"] = "student alone"
     return ckpt
@@ -618,12 +619,15 @@ def external_set(args, classes: list[str]) -> dict:
             "rule": scale_rule(args, mpp)}
 
 
+DEFAULT_SCALE_RULE = "cover"  # measured on the real tiles against crop, whole and resize: docs/generalisation.md
+
+
 def scale_rule(args, mpp: float | None) -> str:
-    """The scale rule tiles are brought to the model with: --scale-rule, crop where the tiles'
-    scale is known and resize (today's whole-tile squeeze) where it is not."""
+    """The scale rule tiles are brought to the model with: --scale-rule, DEFAULT_SCALE_RULE where
+    the tiles' scale is known and resize (the whole-tile squeeze of old) where it is not."""
     if mpp is None and args.scale_rule not in (None, "resize"):
         raise mpkd.UserError(f"--scale-rule {args.scale_rule} needs the tiles' scale: pass --image-mpp")
-    return args.scale_rule or ("crop" if mpp else "resize")
+    return args.scale_rule or (DEFAULT_SCALE_RULE if mpp else "resize")
 
 
 def rule_line(rule: str, views: int, tiles: int) -> str:
@@ -1220,7 +1224,8 @@ def plan_map(path: Path, predictor: dict, args) -> dict:
             "stride": stride, "read_px": max(1, round(window / reader.downsamples[level])), "tile_um": tile_um,
             "todo": origins if args.no_mask else origins[share >= mpkd.MIN_TISSUE], "n_windows": len(origins),
             "n_tissue": int((share >= mpkd.MIN_TISSUE).sum()), "threshold": threshold, "size": (width, height),
-            "stain": stain,
+            "stain": stain, "tint": tuple(int(v) for v in np.median(np.asarray(coarse)[mask], 0)) if mask.any()
+            else (255, 255, 255),  # the typical tissue colour, under the overlay's legend swatches
             "setup_seconds": time.perf_counter() - start}
 
 
@@ -1257,36 +1262,59 @@ def cell_map(plan: dict, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(counts > 0, mean.argmax(-1), -1)
 
 
-def map_picture(cells: np.ndarray, classes: list[str], title: str) -> Image.Image:
-    """The map at cell resolution, enlarged to a readable size, with a legend of class colours."""
-    rows, cols = cells.shape
-    palette = np.array([mpkd.class_colour(c) for c in classes] + [(245, 245, 245)], np.uint8)
-    grid = Image.fromarray(palette[cells])  # -1: the last colour, not classified
-    k = max(1, min(24, 1000 // max(rows, cols)))
-    grid = grid.resize((cols * k, rows * k), Image.NEAREST)
-    legend_w = 230
-    height = max(grid.height, 30 + 22 * (len(classes) + 1)) + 30
-    out = Image.new("RGB", (grid.width + legend_w, height), "white")
-    out.paste(grid, (0, 30))
+LEGEND_WIDTH = 260  # pixels of the legend beside a map or an overlay
+OVERLAY_ALPHA = 150  # opacity (of 255) of the class colours laid over the tissue
+
+
+def legend(draw, x: int, y: int, classes: list[str], shares: dict[str, float], tint=None) -> None:
+    """Class swatches and names with their share of the classified area, from (x, y); with `tint`
+    (the tissue colour under the overlay) each swatch has two halves: the class colour (the map's,
+    QuPath's) and that colour as the overlay shows it on tissue."""
+    palette = mpkd.class_palette(classes)
+    for i, (name, colour) in enumerate([*zip(classes, palette), ("not classified", mpkd.UNCLASSIFIED)]):
+        top = y + 22 * i
+        share = f"  {shares[name]:.0%}" if name in shares else ""
+        draw.rectangle((x, top, x + 18, top + 16), fill=colour, outline="black")
+        if tint is not None and name in shares:
+            a = OVERLAY_ALPHA / 255
+            draw.rectangle((x + 19, top, x + 36, top + 16), outline="black",
+                           fill=tuple(round(a * c + (1 - a) * t) for c, t in zip(colour, tint)))
+        draw.text((x + 44, top + 2), name + share, fill="black")
+
+
+def titled(picture: Image.Image, title: list[str], classes: list[str], shares: dict[str, float], tint=None):
+    """`picture` under its title lines, with the legend on its right."""
+    head = 8 + 16 * len(title)
+    height = max(picture.height, 22 * (len(classes) + 1)) + head + 6
+    out = Image.new("RGB", (picture.width + LEGEND_WIDTH, height), "white")
+    out.paste(picture, (0, head))
     draw = ImageDraw.Draw(out)
-    draw.text((4, 8), title, fill="black")
-    for i, name in enumerate([*classes, "not classified"]):
-        y = 34 + 22 * i
-        colour = tuple(int(v) for v in palette[min(i, len(palette) - 1)])
-        draw.rectangle((grid.width + 12, y, grid.width + 30, y + 16), fill=colour, outline="black")
-        draw.text((grid.width + 38, y + 2), name, fill="black")
+    for i, line in enumerate(title):
+        draw.text((4, 4 + 16 * i), line, fill="black")
+    legend(draw, picture.width + 12, head, classes, shares, tint)
     return out
 
 
-def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.Image:
+def map_picture(cells: np.ndarray, classes: list[str], title: list[str], shares: dict[str, float]) -> Image.Image:
+    """The map at cell resolution, enlarged to a readable size, titled, with a legend of class colours."""
+    rows, cols = cells.shape
+    palette = np.array(mpkd.class_palette(classes) + [mpkd.UNCLASSIFIED], np.uint8)
+    grid = Image.fromarray(palette[cells])  # -1: the last colour, not classified
+    k = max(1, min(24, 1000 // max(rows, cols)))
+    return titled(grid.resize((cols * k, rows * k), Image.NEAREST), title, classes, shares)
+
+
+def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str], title: list[str],
+                    shares: dict[str, float]) -> Image.Image:
     """The thumbnail beside the thumbnail with the map laid over it (classified cells only), at most
-    OVERLAY_WIDTH wide and high: a picture to look at; the CSV and GeoJSON hold the detail."""
+    OVERLAY_WIDTH wide and high, titled, with a legend whose swatches show each class colour as the
+    overlay tints the image's typical tissue: a picture a pathologist reads without another file."""
     thumb = Image.fromarray(plan["thumbnail"])
     fit = min(1.0, (OVERLAY_WIDTH - 10) / 2 / thumb.width, OVERLAY_WIDTH / thumb.height)
     thumb = thumb.resize((max(1, round(thumb.width * fit)), max(1, round(thumb.height * fit))), Image.BILINEAR)
     scale = thumb.width / plan["size"][0]
     rows, cols = cells.shape
-    palette = np.array([mpkd.class_colour(c) + (150,) for c in classes] + [(0, 0, 0, 0)], np.uint8)
+    palette = np.array([c + (OVERLAY_ALPHA,) for c in mpkd.class_palette(classes)] + [(0, 0, 0, 0)], np.uint8)
     side = plan["stride"] * scale  # a cell on the thumbnail
     layer = Image.fromarray(palette[cells]).resize((max(1, round(cols * side)), max(1, round(rows * side))),
                                                    Image.NEAREST)
@@ -1295,58 +1323,109 @@ def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str]) -> Image.
     out = Image.new("RGB", (thumb.width * 2 + 10, thumb.height), "white")
     out.paste(thumb, (0, 0))
     out.paste(over.convert("RGB"), (thumb.width + 10, 0))
-    return out
+    return titled(out, title, classes, shares, plan["tint"])
+
+
+def windows_line(windows: dict) -> str:
+    """How many windows were classified, in the words of the console, the map's title and the summary."""
+    return f"{windows['classified']} of {windows['total']} windows classified ({windows['tissue']} on tissue)"
 
 
 def write_map(path: Path, plan: dict, predictor: dict, model_path: str, out_dir: Path) -> dict:
     """The five outputs of one image; the summary last, so that a complete summary means done."""
     classes, name, w, start = predictor["classes"], path.stem, plan["window"], time.perf_counter()
-    _, cells = cell_map(plan, classes)
-    classified = cells >= 0
-    fractions = {c: float((cells == i).sum() / max(classified.sum(), 1)) for i, c in enumerate(classes)}
-    title = f"{path.name}: {classified.sum()} of {cells.size} cells classified"
-    for picture, suffix, level in ((map_picture(cells, classes, title), "map", 6),
-                                   (overlay_picture(plan, cells, classes), "overlay", 1)):
-        buffer = io.BytesIO()
-        picture.save(buffer, "PNG", compress_level=level)  # the photographic overlay: 1, 7x faster than 6, +17%
-        mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_{suffix}.png")
-    windows = [(int(x), int(y), int(p.argmax()), p) for (x, y), p in zip(plan["origins"], plan["probs"])]
-    write_csv(["x", "y", "size", "class", "probability", *(f"p_{c}" for c in classes)],
-              [[x, y, w, classes[b], float(p[b]), *map(float, p)] for x, y, b, p in windows],
-              out_dir / f"{name}_tiles.csv")
-    features = [{"type": "Feature",  # QuPath: File > Import objects; level-0 pixels, one tile per window
-                 "geometry": {"type": "Polygon",
-                              "coordinates": [[[x, y], [x + w, y], [x + w, y + w], [x, y + w], [x, y]]]},
-                 "properties": {"objectType": "tile", "measurements": {"probability": float(p[b])},
-                                "classification": {"name": classes[b], "color": list(mpkd.class_colour(classes[b]))}}}
-                for x, y, b, p in windows]
-    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}),
-                           out_dir / f"{name}.geojson")
+    mean, cells = cell_map(plan, classes)
+    classified, window_class = cells >= 0, plan["probs"].argmax(1)
     summary = {
         "image": str(path), "size_px": list(plan["size"]), "mpp": plan["mpp"], "mpp_from": plan["mpp_from"],
         "level": plan["level"], "level_mpp": plan["level_mpp"],
         "window": {"um": plan["tile_um"], "level0_px": w, "read_px": plan["read_px"]},
         "stride": {"um": plan["stride"] * plan["mpp"], "level0_px": plan["stride"]},
-        "windows": {"total": plan["n_windows"], "tissue": plan["n_tissue"], "classified": len(windows)},
+        "windows": {"total": plan["n_windows"], "tissue": plan["n_tissue"], "classified": len(window_class)},
         "tissue_threshold": plan["threshold"],
         "cells": {"rows": cells.shape[0], "columns": cells.shape[1], "classified": int(classified.sum())},
-        "class_fractions": fractions, "model": {"path": str(model_path), "identity": predictor["identity"]},
+        # by area: each classified cell (stride x stride) its averaged class; by windows: each window its own
+        "class_fractions_by_area": {c: float((cells == i).sum() / max(classified.sum(), 1)) for i, c in enumerate(classes)},
+        "class_fractions_by_windows": {c: float((window_class == i).sum() / max(len(window_class), 1))
+                                       for i, c in enumerate(classes)},
+        "settings": predictor["settings"], "overlay_tint": list(plan["tint"]),  # the tissue under the legend's tints
+        "model": {"path": str(model_path), "identity": predictor["identity"], "sha256": predictor["sha256"]},
         "stain_norm": predictor["stain_target"] and {"mode": predictor["stain_norm"], "target": predictor["stain_target"],
                                                      "source": plan["stain"]},  # source None: per window
-        "seconds": plan["seconds"], "windows_per_s": len(windows) / max(plan["seconds"], 1e-9),
-        "setup_seconds": plan["setup_seconds"], "output_seconds": time.perf_counter() - start, "complete": True}
+        "seconds": plan["seconds"], "windows_per_s": len(window_class) / max(plan["seconds"], 1e-9),
+        "setup_seconds": plan["setup_seconds"]}
+    title = [f"{path.name}, mapped by {Path(model_path).name} ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})",
+             f"{plan['mpp']:.3g} um/px ({plan['mpp_from']}); windows of {plan['tile_um']:.4g} um every "
+             f"{summary['stride']['um']:.4g} um: {windows_line(summary['windows'])}; shares of the classified area"]
+    shares = summary["class_fractions_by_area"]
+    for picture, suffix, level in ((map_picture(cells, classes, title, shares), "map", 6),
+                                   (overlay_picture(plan, cells, classes, title, shares), "overlay", 1)):
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG", compress_level=level)  # the photographic overlay: 1, 7x faster than 6, +17%
+        mpkd.write_bytes_atomic(buffer.getvalue(), out_dir / f"{name}_{suffix}.png")
+    write_csv(["x", "y", "size", "class", "probability", *(f"p_{c}" for c in classes)],  # every window
+              [[int(x), int(y), w, classes[int(p.argmax())], float(p.max()), *map(float, p)]
+               for (x, y), p in zip(plan["origins"], plan["probs"])], out_dir / f"{name}_tiles.csv")
+    colours, s = mpkd.class_palette(classes), plan["stride"]
+    features = [{"type": "Feature",  # QuPath: File > Import objects; level-0 pixels, what the map shows:
+                 "geometry": {"type": "Polygon",  # one square per classified cell (= window without --stride)
+                              "coordinates": [[[c * s, r * s], [c * s + s, r * s], [c * s + s, r * s + s],
+                                               [c * s, r * s + s], [c * s, r * s]]]},
+                 "properties": {"objectType": "tile", "measurements": {"probability": float(mean[r, c, k])},
+                                "classification": {"name": classes[k], "color": list(colours[k])}}}
+                for r, c in zip(*map(np.ndarray.tolist, np.nonzero(classified))) for k in [int(cells[r, c])]]
+    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}),
+                           out_dir / f"{name}.geojson")
+    summary.update(output_seconds=time.perf_counter() - start, complete=True)
     mpkd.write_text_atomic(json.dumps(summary, indent=1), out_dir / f"{name}_summary.json")
     return summary
 
 
+def map_settings(args, predictor: dict) -> dict:
+    """What a map depends on besides the image and the model: window and stride in micrometres,
+    the tissue mask, the scale given, the stain normalisation."""
+    tile_um = args.tile_um or predictor["tile_um"]
+    return {"window_um": tile_um, "stride_um": args.stride or tile_um, "mask": not args.no_mask,
+            "stain_norm": args.stain_norm, "stain_ref": args.stain_ref}
+
+
+def done_by_another(summary: dict, predictor: dict, image_mpp: float | None) -> str | None:
+    """What differs between a done image's summary and this run: another model (by its file's
+    fingerprint, or its identity in summaries written before fingerprints), other settings, or
+    another scale (--image-mpp against what the image was mapped at)."""
+    model = summary.get("model", {})
+    if model.get("sha256", predictor["sha256"]) != predictor["sha256"] or model.get("identity") != predictor["identity"]:
+        return f"model ({model.get('path')}, not {predictor['path']})"
+    differ = [f"{k} {v}, not {predictor['settings'][k]}" for k, v in summary.get("settings", predictor["settings"]).items()
+              if predictor["settings"].get(k) != v]
+    if image_mpp is not None and not math.isclose(summary["mpp"], image_mpp):
+        differ.append(f"scale {summary['mpp']:g} um/px, not --image-mpp {image_mpp:g}")
+    elif image_mpp is None and summary.get("mpp_from") == "--image-mpp":
+        differ.append(f"scale --image-mpp {summary['mpp']:g}, not the image's own")
+    return f"setting ({'; '.join(differ)})" if differ else None
+
+
 def map_images(args, device) -> list[str]:
-    """--map: every image of the file or folder (of this --shard), each into its five outputs;
-    an image whose complete summary exists is skipped, an unreadable one is named and the rest go on."""
+    """--map, leaving no output folder behind where it wrote nothing (a wrong model, no scale)."""
+    out_dir = Path(args.out_dir)
+    made = not out_dir.exists()
+    try:
+        return map_folder(args, device, out_dir)
+    finally:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def map_folder(args, device, out_dir: Path) -> list[str]:
+    """Every image of the --map file or folder (of this --shard), each into its five outputs; an
+    image whose complete summary exists is skipped, an unreadable one is named and the rest go on."""
     if len(args.checkpoints) != 1:
         raise mpkd.UserError(f"--map classifies with one model, {len(args.checkpoints)} given")
-    images = map_inputs(Path(args.map))
-    images = mpkd.shard(images, args.shard) if args.shard else images
-    out_dir = Path(args.out_dir)
+    everything = map_inputs(Path(args.map))
+    images = mpkd.shard(everything, args.shard) if args.shard else everything
+    if not images:  # more shards than images: this job of the array has nothing to do
+        print(f"shard {args.shard} holds no images: {args.map} has {len(everything)}, fewer than the shards")
+        return []
     out_dir.mkdir(parents=True, exist_ok=True)
     mpkd.check_writable(out_dir / "x_summary.json")
     predictor = load_predictor(args.checkpoints[0], args, device)
@@ -1355,18 +1434,26 @@ def map_images(args, device) -> list[str]:
         raise mpkd.UserError(f"{args.checkpoints[0]} records no training tile size (made before --mpp): "
                              f"pass --tile-um, the tiles' width in micrometres (Kather 2016: 150 px x 0.495 = 74.25)")
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # large is what a map is for
+    predictor.update(path=str(args.checkpoints[0]), sha256=mpkd.file_fingerprint(args.checkpoints[0]),
+                     settings=map_settings(args, predictor))
     lines, failed, todo, mapped = [], {}, [], []  # mapped: windows classified per image whose outputs are written
-    for path in images:
-        done = out_dir / f"{path.stem}_summary.json"
-        if done.exists() and not args.overwrite and json.loads(done.read_text()).get("complete"):
-            lines.append(f"{path.name}: done before ({done}); --overwrite redoes it")
-            print(lines[-1], flush=True)
-        else:
-            todo.append(path)
 
     def fail(path, err):  # unreadable, truncated, no scale, a format OpenSlide refuses: named, the rest go on
         failed[path.name] = str(err) if isinstance(err, mpkd.UserError) else f"{type(err).__name__}: {err}"
-        print(f"{path.name}: failed ({failed[path.name]})", flush=True)
+        print(f"{path.name}: failed (why: in the error at the end)", flush=True)
+
+    for path in images:
+        done = out_dir / f"{path.stem}_summary.json"
+        summary = json.loads(done.read_text()) if done.exists() and not args.overwrite else {}
+        differ = done_by_another(summary, predictor, args.image_mpp) if summary.get("complete") else None
+        if differ:  # never two models' (or settings') maps in one folder without being asked
+            fail(path, mpkd.UserError(f"{done} was made by another {differ}: --overwrite replaces it, "
+                                      f"--out-dir DIR keeps both"))
+        elif summary.get("complete"):
+            lines.append(f"{path.name}: done before ({done}) by this model and settings; --overwrite redoes it")
+            print(lines[-1], flush=True)
+        else:
+            todo.append(path)
 
     def finish(path, writing):
         try:
@@ -1374,10 +1461,9 @@ def map_images(args, device) -> list[str]:
         except Exception as err:
             return fail(path, err)
         mapped.append(summary["windows"]["classified"])
-        top = sorted(summary["class_fractions"].items(), key=lambda kv: -kv[1])[:3]
-        lines.append(f"{path.name}: {summary['windows']['classified']} of {summary['windows']['total']} windows "
-                     f"classified in {summary['seconds']:.1f} s ({summary['windows_per_s']:.0f}/s); "
-                     + ", ".join(f"{c} {f:.0%}" for c, f in top))
+        top = sorted(summary["class_fractions_by_area"].items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"{path.name}: {windows_line(summary['windows'])} in {summary['seconds']:.1f} s "
+                     f"({summary['windows_per_s']:.0f}/s); by area " + ", ".join(f"{c} {f:.0%}" for c, f in top))
         print(lines[-1], flush=True)
 
     # While one image's windows are classified, the next image is opened and masked and the last

@@ -63,7 +63,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 # ----------------------------------------------------------------------------------------------
-# The method, to copy into your own training loop: plain torch, nothing else of this file needed
+# The method, to copy into your own training loop: torch and math, nothing else of this file needed
 # (docs/own-loop.md shows them in a DataLoader loop). The KD loss (Hinton et al. 2015; the paper's
 # eq. 3 and 4); the schedule that decides which stored teacher epoch the student follows in each of
 # its epochs (Multi-Part KD); the teacher's logits as they are stored (eval mode); and the lookup of
@@ -105,11 +105,10 @@ def teacher_schedule(student_epochs: int, stored_epochs: list[int]) -> list[int]
     """For every student epoch e (0-based), the stored teacher epoch whose logits are its target.
 
     Stored epoch k is the teacher after k completed epochs, counted from 1 (the paper's "teacher at
-    epoch 5" has trained five epochs). With E student epochs and K stored epochs, epoch e follows
-    stored epoch number
-    ceil((e + 1) * K / E) - 1: intervals as even as possible, the last student epoch always learns
-    from the final teacher, and only stored epochs are returned. 50 epochs over [5, 10, ..., 50]
-    gives [5] * 5 + [10] * 5 + ... + [50] * 5, the paper's schedule.
+    epoch 5" has trained five epochs). With E student epochs and K stored epochs (ascending), epoch
+    e follows stored epoch number ceil((e + 1) * K / E) - 1: intervals as even as possible, the last
+    student epoch always learns from the final teacher, and only stored epochs are returned. 50
+    epochs over [5, 10, ..., 50] gives [5] * 5 + [10] * 5 + ... + [50] * 5, the paper's schedule.
     """
     stored = sorted(set(stored_epochs))
     if student_epochs <= 0 or not stored:
@@ -1504,15 +1503,42 @@ CLASS_COLOURS = {  # fixed per class name (Kather 2016's and NCT-CRC-HE-100K's),
 }
 
 
-def class_colour(name: str) -> tuple[int, int, int]:
-    """The RGB colour of a class on every map: fixed for Kather's and NCT's names (a folder's
-    '01_' prefix and case ignored), else derived from the name, so the same name always gets the
-    same colour."""
-    key = class_key(name)
-    if key in CLASS_COLOURS:
-        return CLASS_COLOURS[key]
-    digest = hashlib.sha256(key.encode()).digest()
-    return (64 + digest[0] % 160, 64 + digest[1] % 160, 64 + digest[2] % 160)
+UNCLASSIFIED = (245, 245, 245)  # cells no window classified, on every map
+MIN_COLOUR_DISTANCE = 25.0  # CIE76 delta E between a map's derived colours and all others (tested; 2.3 is just noticeable)
+
+
+def lab(rgb) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours (..., 3) in 0..255: the space where colour distance is perceived."""
+    c = np.asarray(rgb, np.float64) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)  # linear light
+    xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
+    f = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(f > (6 / 29) ** 3, np.cbrt(f), f / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+# Colours for class names without a fixed one: the sRGB grid of steps of 51, neither near-black nor
+# near-white (CIELAB lightness 30-85), from which class_palette picks the farthest from those in use
+_CANDIDATES = np.array([(r, g, b) for r in range(0, 256, 51) for g in range(0, 256, 51) for b in range(0, 256, 51)])
+_CANDIDATES = _CANDIDATES[(lab(_CANDIDATES)[:, 0] > 30) & (lab(_CANDIDATES)[:, 0] < 85)]
+
+
+def class_palette(classes: list[str]) -> list[tuple[int, int, int]]:
+    """The RGB colour of each class on a map: fixed for Kather's and NCT's names (a folder's '01_'
+    prefix and case ignored), so their maps compare; every other name gets, in class order, the
+    candidate colour farthest (in CIELAB) from all colours already on this map, the fixed ones and
+    the light grey of unclassified cells included: distinct by construction (at least
+    MIN_COLOUR_DISTANCE apart for 12 classes and more, tested)."""
+    fixed = {c: CLASS_COLOURS[class_key(c)] for c in classes if class_key(c) in CLASS_COLOURS}
+    used = [lab(UNCLASSIFIED), *(lab(v) for v in fixed.values())]
+    out = []
+    for name in classes:
+        if name not in fixed:
+            far = np.min(np.linalg.norm(lab(_CANDIDATES)[:, None] - np.array(used)[None], axis=-1), axis=1)
+            fixed[name] = tuple(int(v) for v in _CANDIDATES[int(far.argmax())])
+            used.append(lab(fixed[name]))
+        out.append(fixed[name])
+    return out
 
 
 def shard(items: list, spec: str) -> list:
@@ -1681,9 +1707,16 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def load_file(path: str | Path, kind: str | tuple[str, ...]) -> dict:
+FILE_KINDS = {CHECKPOINT_FORMAT: "a checkpoint (a model, written by train_teacher.py or distill.py: teacher.pt, student.pt)",
+              LOGITS_FORMAT: "the stored teacher logits (train_teacher.py's teacher_logits.pt)",
+              OLD_LOGITS_FORMAT: "the stored teacher logits (train_teacher.py's teacher_logits.pt)",
+              STATE_FORMAT: "the resumable state of an interrupted run (*.state.pt, for --resume)"}
+
+
+def load_file(path: str | Path, kind: str | tuple[str, ...], wanted: str | None = None) -> dict:
     """torch.load(weights_only=True) a file of `kind` (CHECKPOINT_FORMAT, ... or a tuple of formats
-    any of which is accepted), refusing anything else."""
+    any of which is accepted), refusing anything else with what it is and what to pass (`wanted`,
+    else the kind's FILE_KINDS line)."""
     kinds = (kind,) if isinstance(kind, str) else kind
     path = Path(path)
     if not path.is_file():
@@ -1694,7 +1727,8 @@ def load_file(path: str | Path, kind: str | tuple[str, ...]) -> dict:
         raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"{path} is not a {kinds[0]} file (found {found})")
+        what = f"{FILE_KINDS[found]} ({found})" if found in FILE_KINDS else f"found {found}"
+        raise UserError(f"{path} is not a {kinds[0]} file: it is {what}; pass {wanted or FILE_KINDS[kinds[0]]}")
     return obj
 
 

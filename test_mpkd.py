@@ -1692,8 +1692,26 @@ def test_shards_cover_every_image_once_and_colours_are_fixed():
     for bad in ("3/3", "1", "a/b"):
         with pytest.raises(mpkd.UserError, match="must be K/N"):
             mpkd.shard(items, bad)
-    assert mpkd.class_colour("01_TUMOR") == mpkd.class_colour("TUM") == mpkd.CLASS_COLOURS["TUMOR"]
-    assert mpkd.class_colour("my class") == mpkd.class_colour("MY CLASS") != mpkd.class_colour("other")
+    assert mpkd.class_palette(["01_TUMOR", "TUM", "02_STROMA"])[:2] == [mpkd.CLASS_COLOURS["TUMOR"]] * 2
+
+
+@pytest.mark.parametrize("classes", [
+    [f"class {i}" for i in range(12)], [f"class {i}" for i in range(20)],
+    ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY",
+     "necrosis", "mucin", "nerve", "vessel"],  # Kather's fixed colours and four derived ones
+])
+def test_derived_class_colours_are_distinct_from_every_colour_on_the_map(classes):
+    # The threshold, CIE76 delta E 25: 2.3 is just noticeable side by side; the three greens a user
+    # could not tell apart on a map were 14 to 29 apart. A derived colour is that far from every other
+    # colour of the map (fixed ones, and the grey of unclassified cells, included).
+    palette = mpkd.class_palette(classes)
+    assert palette == mpkd.class_palette(classes)  # the same map, the same colours
+    derived = [i for i, c in enumerate(classes) if mpkd.class_key(c) not in mpkd.CLASS_COLOURS]
+    every = mpkd.lab(np.array(palette + [mpkd.UNCLASSIFIED]))
+    nearest = min(np.linalg.norm(every[i] - every[j]) for i in derived for j in range(len(every)) if j != i)
+    assert nearest >= mpkd.MIN_COLOUR_DISTANCE
+    assert np.allclose(mpkd.lab([255, 255, 255]), [100, 0, 0], atol=0.02)  # D65 white
+    assert np.allclose(mpkd.lab([255, 0, 0]), [53.24, 80.09, 67.20], atol=0.05)  # sRGB red, as tabulated
 
 
 def test_a_large_image_comes_back_as_its_layout(map_model, tmp_path, capsys):
@@ -1724,7 +1742,7 @@ def test_a_large_image_comes_back_as_its_layout(map_model, tmp_path, capsys):
     first = geo["features"][0]
     assert first["geometry"]["coordinates"][0][:3] == [[0, 0], [40, 0], [40, 40]]
     assert first["properties"]["classification"]["name"] == rows[0]["class"]
-    assert sum(summary["class_fractions"].values()) == pytest.approx(1)
+    assert sum(summary["class_fractions_by_area"].values()) == pytest.approx(1)
     with Image.open(out / "big_map.png") as img:
         assert img.width > 8 and img.height > 6
     # a third of the window: each window covers 3 x 3 cells, averaged; the layout comes back per cell
@@ -2032,7 +2050,8 @@ def test_external_set_at_its_scale_with_a_class_map_and_its_report_recomputed(ma
     run = lambda *extra: evaluate.main(evaluate.get_args([str(map_model), "--external", str(root), "--class-map",
                                                           str(cmap), "--device", "cpu", *map(str, extra)]))
     # the training field, 19.8 um (40 px x 0.495), is the centre 80 px of these tiles at 0.2475 um/px
-    [row] = run("--image-mpp", 0.2475, "--json", tmp_path / "r.json", "--predictions", tmp_path / "p.csv")
+    [row] = run("--image-mpp", 0.2475, "--scale-rule", "crop", "--json", tmp_path / "r.json", "--predictions",
+                tmp_path / "p.csv")
     out = capsys.readouterr().out
     assert row["accuracy"] == 100 and row["n_test"] == 12 and "unused is not mapped" in out
     assert "scale rule crop" in out and "zero -> 01_CLASS0" in out and "unused -> skipped" in out
@@ -2088,7 +2107,7 @@ def test_named_external_set_is_fetched_md5_checked_and_refused_offline(map_model
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     served = tmp_path / "served"
-    _external_folder(served / "SET" / "tiles", rng, names=("TUM", "STR"))
+    _external_folder(served / "SET" / "tiles", rng, names=("TUM", "STR"), size=80, inner=80)  # one class each
     with zipfile.ZipFile(tmp_path / "SET.zip", "w") as z:
         for f in sorted((served / "SET").rglob("*.png")):
             z.write(f, f.relative_to(served).as_posix().replace("SET/tiles", "SET"))
@@ -2121,13 +2140,13 @@ def test_images_at_their_scale_and_stain_normalised(map_model, tmp_path, capsys)
     root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
     run = lambda out, *extra: evaluate.main(evaluate.get_args([str(map_model), "--images", str(root), "--device", "cpu",
                                                                "--predictions", str(tmp_path / out), *map(str, extra)]))
-    run("crop.csv", "--image-mpp", 0.2475)
+    run("crop.csv", "--image-mpp", 0.2475, "--scale-rule", "crop")
     assert "scale rule crop" in capsys.readouterr().out
     rows = _csv(tmp_path / "crop.csv")
     names = ["zero", "one", "two", "three"]
     assert all(r["predicted"] == f"{names.index(r['file'].split('/')[0]) + 1:02d}_CLASS{names.index(r['file'].split('/')[0])}"
                for r in rows)
-    run("cover.csv", "--image-mpp", 0.2475, "--scale-rule", "cover", "--stain-norm", "macenko")
+    run("cover.csv", "--image-mpp", 0.2475, "--stain-norm", "macenko")  # cover: the default with a scale
     out = capsys.readouterr().out  # 2 x 2 fields of 80 px cover a 160 px tile
     assert "scale rule cover" in out and "(48 views of 12 tiles)" in out
     assert "stain normalised (macenko) to the training tiles of s.pt" in out
@@ -2306,3 +2325,86 @@ def test_near_uniform_early_targets_are_named_with_the_anchors_that_leave_them_o
     assert "targets of teacher epochs 1 are near uniform (entropy 1.00" in err
     kept = ",".join(str(e) for e in (2, 3) if mpkd.target_uniformity(stored["logits"][e], 5.0) <= mpkd.NEAR_UNIFORM)
     assert f"--anchors {kept} leaves them out" in err
+
+
+def test_map_messages_say_what_to_do_once_and_leave_no_empty_folder(map_model, trained, tmp_path, capsys, monkeypatch):
+    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(tmp_path / "a.png")  # no scale
+    with pytest.raises(mpkd.UserError, match="1 of 1 images failed: a.png .*pass --image-mpp"):
+        _map(map_model, tmp_path / "a.png", tmp_path / "maps")
+    out = capsys.readouterr().out
+    assert "a.png: failed" in out and "--image-mpp" not in out  # the reason once, in the error
+    assert not (tmp_path / "maps").exists()  # nothing written, no folder left
+    with pytest.raises(mpkd.UserError, match=r"is the stored teacher logits .* pass a checkpoint .*or for --images "
+                                             r"and --map an .onnx file"):
+        _map(trained / "teacher_logits.pt", tmp_path / "a.png", tmp_path / "maps")
+    assert not (tmp_path / "maps").exists()
+    _map(map_model, tmp_path / "a.png", tmp_path / "maps", "--shard", "3/4")  # an array job's spare task
+    assert capsys.readouterr().out.strip() == f"shard 3/4 holds no images: {tmp_path / 'a.png'} has 1, fewer than the shards"
+    for script in (evaluate, distill, train_teacher):  # --help opens with a whole sentence
+        help_text = _parser(script, monkeypatch).description
+        assert help_text.endswith(".") and help_text[0].isupper() and "\n" not in help_text
+
+
+def test_a_folder_never_holds_two_models_maps_unasked(map_model, student, tmp_path, capsys):
+    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(tmp_path / "a.tif", resolution_unit=3,
+                                                             resolution=1e4 / 0.495)
+    _map(map_model, tmp_path / "a.tif", tmp_path / "maps")
+    summary = json.loads((tmp_path / "maps" / "a_summary.json").read_text())
+    assert summary["model"]["sha256"] == mpkd.file_fingerprint(map_model) and summary["settings"]["mask"] is True
+    capsys.readouterr()
+    _map(map_model, tmp_path / "a.tif", tmp_path / "maps")  # the same model and settings: done
+    assert "done before" in capsys.readouterr().out
+    for model, extra, differs in ((student, [], "another model"), (map_model, ["--no-mask"], "mask True, not False"),
+                                  (map_model, ["--image-mpp", 0.25], "scale 0.495 um/px, not --image-mpp 0.25")):
+        with pytest.raises(mpkd.UserError, match=f"1 of 1 images failed: a.tif .*{differs}.*--overwrite replaces "
+                                                 f"it, --out-dir DIR keeps both"):
+            _map(model, tmp_path / "a.tif", tmp_path / "maps", *extra)
+    assert json.loads((tmp_path / "maps" / "a_summary.json").read_text()) == summary  # untouched
+
+
+def test_deploy_doc_code_runs_as_pasted(exported, data_dir, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("cv2")
+    (code,) = re.findall(r"```python\n(.*?)```", (HERE / "docs" / "deploy.md").read_text(), re.S)
+    (tmp_path / "student.onnx").write_bytes((exported / "student.onnx").read_bytes())
+    (tmp_path / "new_tiles").mkdir()
+    files = sorted(data_dir.rglob("*.png"))[::7][:6]
+    for f in files:
+        (tmp_path / "new_tiles" / f.name).write_bytes(f.read_bytes())
+    # the doc's code, then what its last runtime (OpenCV) predicted, to compare
+    (tmp_path / "deploy.py").write_text(code + "\nprint(json.dumps([classes[i] for i in probabilities.argmax(1)]))\n")
+    proc = subprocess.run([sys.executable, "deploy.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    onnxruntime, opencv = json.loads(lines[0].replace("'", '"')), json.loads(lines[-1])
+    evaluate.main(evaluate.get_args([str(exported / "student.onnx"), "--images", str(tmp_path / "new_tiles"),
+                                     "--predictions", str(tmp_path / "p.csv")]))
+    expected = {f"new_tiles/{r['file']}": r["predicted"] for r in _csv(tmp_path / "p.csv")}
+    assert onnxruntime == expected and opencv == list(expected.values()) and len(expected) == len(files)
+
+
+def test_overlay_has_the_legend_and_every_count_agrees_with_and_without_stride(map_model, tmp_path, capsys):
+    Image.fromarray(_layout_pixels(LAYOUT, 40)).save(tmp_path / "big.tif", resolution_unit=3, resolution=1e4 / 0.495)
+    for extra, name in (([], "plain"), (["--stride", 0.495 * 40 / 2], "stride")):
+        capsys.readouterr()
+        _map(map_model, tmp_path / "big.tif", tmp_path / name, *extra)
+        console = capsys.readouterr().out
+        summary = json.loads((tmp_path / name / "big_summary.json").read_text())
+        rows, geo = _csv(tmp_path / name / "big_tiles.csv"), json.loads((tmp_path / name / "big.geojson").read_text())
+        windows, cells = summary["windows"], summary["cells"]["classified"]
+        assert evaluate.windows_line(windows) in console and len(rows) == windows["classified"]  # every window
+        assert len(geo["features"]) == cells and (cells == len(rows)) == (name == "plain")  # what the map shows
+        names = [f["properties"]["classification"]["name"] for f in geo["features"]]
+        for c in summary["class_fractions_by_area"]:
+            assert summary["class_fractions_by_area"][c] == pytest.approx(names.count(c) / len(names))
+            assert summary["class_fractions_by_windows"][c] == pytest.approx([r["class"] for r in rows].count(c) / len(rows))
+        corners = {tuple(map(tuple, f["geometry"]["coordinates"][0][:3])) for f in geo["features"]}
+        assert len(corners) == cells  # no two squares overlap: one per cell
+    colours = {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
+               for f in geo["features"]}
+    with Image.open(tmp_path / "plain" / "big_overlay.png") as img:
+        legend = np.asarray(img.convert("RGB"))[:, -evaluate.LEGEND_WIDTH:]
+    present = {tuple(p) for p in legend.reshape(-1, 3)}
+    assert set(colours.values()) <= present  # each class's swatch, in the GeoJSON's (QuPath's) colour
+    a, tint = evaluate.OVERLAY_ALPHA / 255, summary["overlay_tint"]  # beside it, the tint the overlay shows
+    assert {tuple(round(a * c + (1 - a) * t) for c, t in zip(colour, tint)) for colour in colours.values()} <= present
