@@ -1875,8 +1875,6 @@ def test_a_pyramidal_tiff_is_read_through_openslide(map_model, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Another lab's tissue: external test sets, scale rules, stain augmentation and normalisation
 
-CRC_SAMPLES = HERE.parent / "shared" / "data" / "crc_val_he_7k_samples"
-
 
 def test_class_map_header_several_to_one_unmapped_and_refusals(tmp_path):
     classes, folders = ["01_TUMOR", "02_STROMA", "05_DEBRIS"], ["DEB", "MUC", "MUS", "STR", "TUM", "X"]
