@@ -592,11 +592,12 @@ def _interrupt_epoch(monkeypatch, n):
     return real
 
 
-def test_ctrl_c_keeps_the_last_epoch_and_resume_is_bit_identical(trained, data_dir, tmp_path, monkeypatch):
-    argv = student_argv(data_dir, trained, tmp_path / "a.pt", "--multipart", "--epochs", "4")
+@pytest.mark.parametrize("method", [["--multipart"], ["--ensemble", "all"]], ids=["multipart", "ensemble"])
+def test_ctrl_c_keeps_the_last_epoch_and_resume_is_bit_identical(trained, data_dir, tmp_path, monkeypatch, method):
+    argv = student_argv(data_dir, trained, tmp_path / "a.pt", *method, "--epochs", "4")
     distill.main(distill.get_args(argv))
     reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
-    argv = student_argv(data_dir, trained, tmp_path / "b.pt", "--multipart", "--epochs", "4")
+    argv = student_argv(data_dir, trained, tmp_path / "b.pt", *method, "--epochs", "4")
     real = _interrupt_epoch(monkeypatch, 3)
     with pytest.raises(mpkd.Interrupted, match="epoch 2 is saved.*--resume"):
         distill.main(distill.get_args(argv))
@@ -2292,21 +2293,6 @@ def test_ensemble_conflicts_and_unknown_epochs_are_one_line(trained, data_dir, t
     with pytest.raises(mpkd.UserError, match=match):
         distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt", *flags)))
     assert not list(tmp_path.iterdir())
-
-
-def test_an_interrupted_ensemble_run_resumes_bit_identically(trained, data_dir, tmp_path, monkeypatch):
-    argv = student_argv(data_dir, trained, tmp_path / "a.pt", "--ensemble", "all", "--epochs", "4")
-    distill.main(distill.get_args(argv))
-    reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
-    argv = student_argv(data_dir, trained, tmp_path / "b.pt", "--ensemble", "all", "--epochs", "4")
-    real = _interrupt_epoch(monkeypatch, 3)
-    with pytest.raises(mpkd.Interrupted, match="epoch 2 is saved"):
-        distill.main(distill.get_args(argv))
-    monkeypatch.setattr(mpkd, "train_one_epoch", real)
-    distill.main(distill.get_args(argv + ["--resume"]))
-    resumed = mpkd.load_file(tmp_path / "b.pt", mpkd.CHECKPOINT_FORMAT)
-    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
-    assert without_timing(resumed["history"]) == without_timing(reference["history"])
 
 
 def test_near_uniform_early_targets_are_named_with_the_anchors_that_leave_them_out(trained, data_dir, tmp_path,
