@@ -539,7 +539,7 @@ def folder_stain(views: list[torch.Tensor]) -> dict:
     try:
         return mpkd.median_stain([f for v in views for f in mpkd.tile_stains(v, max(1, mpkd.STAIN_TILES * len(v) // n))])
     except ValueError as err:
-        raise mpkd.UserError(f"--stain-norm macenko: {err}") from None
+        raise mpkd.UserError(f"--stain-norm macenko: {err} in this folder; leave --stain-norm out") from None
 
 
 def stain_normalised(groups, target: dict, mode: str, source: dict | None = None):

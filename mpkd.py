@@ -225,7 +225,7 @@ def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | P
                  ) -> torch.nn.Module:
     """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, starting from ImageNet
     weights if asked: from the file `weights` when given, else from timm's cache or its hub."""
-    import timm  # here, not at the top: it doubles what `import mpkd` loads (2,697 modules, not 1,2xx)
+    import timm  # here, not at the top: at the top `import mpkd` loaded 2,697 modules, now 1,212
 
     if not timm.is_model(name):
         raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
@@ -1521,6 +1521,7 @@ def lab(rgb) -> np.ndarray:
 # near-white (CIELAB lightness 30-85), from which class_palette picks the farthest from those in use
 _CANDIDATES = np.array([(r, g, b) for r in range(0, 256, 51) for g in range(0, 256, 51) for b in range(0, 256, 51)])
 _CANDIDATES = _CANDIDATES[(lab(_CANDIDATES)[:, 0] > 30) & (lab(_CANDIDATES)[:, 0] < 85)]
+_CANDIDATES_LAB = lab(_CANDIDATES)
 
 
 def class_palette(classes: list[str]) -> list[tuple[int, int, int]]:
@@ -1534,7 +1535,7 @@ def class_palette(classes: list[str]) -> list[tuple[int, int, int]]:
     out = []
     for name in classes:
         if name not in fixed:
-            far = np.min(np.linalg.norm(lab(_CANDIDATES)[:, None] - np.array(used)[None], axis=-1), axis=1)
+            far = np.min(np.linalg.norm(_CANDIDATES_LAB[:, None] - np.array(used)[None], axis=-1), axis=1)
             fixed[name] = tuple(int(v) for v in _CANDIDATES[int(far.argmax())])
             used.append(lab(fixed[name]))
         out.append(fixed[name])
@@ -1613,8 +1614,9 @@ def view_boxes(width: int, height: int, size: int, rule: str, image_mpp: float |
                tile_um: float | None = None) -> list[tuple[tuple[float, float, float, float], tuple[int, int]]]:
     """Where in a tile (width x height px at image_mpp) the network looks, for a model trained on
     tiles of tile_um micrometres resized to `size` px: (box in tile pixels, output size) per view.
-    - crop: the centred square of the training field of view, resized to size (the default);
-    - cover: the fewest such squares, evenly spaced, that cover the tile; their logits are averaged;
+    - crop: the centred square of the training field of view, resized to size;
+    - cover: the fewest such squares, evenly spaced, that cover the tile; their logits are averaged
+      (evaluate.py's default where the tiles' scale is known);
     - whole: the tile resampled to the training scale, one larger (or smaller) input;
     - resize: the whole tile squeezed into size x size, whatever its scale (no scale needed).
     Boxes are in fractional pixels: one resampling from the tile to the network's input."""
@@ -1727,7 +1729,7 @@ def load_file(path: str | Path, kind: str | tuple[str, ...], wanted: str | None 
         raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        what = f"{FILE_KINDS[found]} ({found})" if found in FILE_KINDS else f"found {found}"
+        what = f"{FILE_KINDS[found]} ({found})" if found in FILE_KINDS else f"something else ({found})"
         raise UserError(f"{path} is not a {kinds[0]} file: it is {what}; pass {wanted or FILE_KINDS[kinds[0]]}")
     return obj
 

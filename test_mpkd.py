@@ -1011,8 +1011,12 @@ def test_missing_truncated_and_foreign_teacher_files(trained, data_dir, tmp_path
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(mpkd.UserError, match="corrupt"):
         distill.main(distill.get_args(argv(tmp_path / "cut.pt")))
-    with pytest.raises(mpkd.UserError, match="not a mpkd-teacher-logits"):
+    with pytest.raises(mpkd.UserError, match=r"not a mpkd-teacher-logits/2 file: it is a checkpoint .*; pass the "
+                                             r"stored teacher logits \(train_teacher.py's teacher_logits.pt\)"):
         distill.main(distill.get_args(argv(trained / "teacher.pt")))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(mpkd.UserError, match=r"it is something else \(list\); pass the stored teacher logits"):
+        distill.main(distill.get_args(argv(tmp_path / "list.pt")))
     for extra, match in [(["--split-seed", "1"], "--split-seed 1 differs.*pass --split-seed 0"),
                          (["--img-size", "48"], "--img-size 48 differs.*pass --img-size 32")]:
         with pytest.raises(mpkd.UserError, match=match):
