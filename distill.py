@@ -144,7 +144,8 @@ def warn_near_uniform(args, teacher, anchors) -> None:
         kept = ",".join(str(e) for e in anchors if e not in near)
         warn(f"warning: at T = {args.temperature:g} the targets of teacher epochs {', '.join(map(str, near))} are "
              f"near uniform (entropy {', '.join(f'{u:.2f}' for u in near.values())} of the maximum): they teach "
-             f"little; a teacher trained from scratch? --anchors {kept} leaves them out (docs/own-loop.md)")
+             f"little; a teacher trained from scratch? {'--ensemble' if args.ensemble else '--anchors'} {kept} "
+             f"leaves them out (docs/own-loop.md)")
 
 
 def route_logits(args, teacher, val, device):

@@ -2313,6 +2313,9 @@ def test_near_uniform_early_targets_are_named_with_the_anchors_that_leave_them_o
     err = capsys.readouterr().err
     assert "targets of teacher epochs 1 are near uniform (entropy 1.00" in err
     assert "--anchors 2,3 leaves them out" in err
+    distill.main(distill.get_args(["--data", str(data_dir), "--teacher-logits", str(tmp_path / "teacher_logits.pt"),
+                                   "--out", str(tmp_path / "e.pt"), "--epochs", "2", "--ensemble", "all", *FAST]))
+    assert "--ensemble 2,3 leaves them out" in capsys.readouterr().err  # the flag that keeps the method
 
 
 def test_map_messages_say_what_to_do_once_and_leave_no_empty_folder(map_model, trained, tmp_path, capsys, monkeypatch):
