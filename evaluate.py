@@ -20,6 +20,7 @@ with McNemar's exact test; across seeds the paired difference gets a 95% t-inter
 import argparse
 import copy
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -115,6 +116,10 @@ def get_args(argv=None):
                    help="write the checkpoint's network as one ONNX file: uint8 RGB tiles (N, S, S, 3) "
                         "in, class probabilities out; checked against PyTorch on the test tiles "
                         "(needs onnx, onnxscript, onnxruntime)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --export: an int8 file (static quantisation calibrated on training tiles), "
+                        "written only if it agrees with the fp32 network on the test tiles; with "
+                        "--benchmark, measured against the fp32 file in ONNX Runtime and OpenVINO")
     return p.parse_args(argv)
 
 
@@ -386,8 +391,13 @@ PER_TILE = ("outcomes", "files", "labels", "predicted", "probs", "history", "gro
 def export_checkpoint(path, args, device, cache) -> dict:
     """--export: the checkpoint's network as one ONNX file, checked on its test tiles."""
     ckpt = load_checkpoint(path)
-    _, part = test_part(ckpt, path, args, device, cache)
+    data, part = test_part(ckpt, path, args, device, cache)
     model = mpkd.load_model(ckpt, path).eval()
+    if args.int8:
+        exported = export_int8(ckpt, path, model, data, part, args.export)
+        if args.benchmark:
+            exported["benchmark"] = int8_benchmark(exported, part)
+        return exported
     exported = export_onnx(ckpt, path, model, part, args.export)
     if args.benchmark:
         exported["benchmark"] = onnx_benchmark(exported["session"], model, exported["size"])
@@ -1610,42 +1620,75 @@ def _onnx_bytes(wrapper: torch.nn.Module, size: int) -> bytes:
                               dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"},
                                             "logits": {0: "batch"}})
         onnx, _ = import_onnx()
-        return onnx.load(str(out)).SerializeToString()  # reads any side .data file back in
+        proto = onnx.load(str(out))  # reads any side .data file back in
+    for node in proto.graph.node:  # the exporter's notes on each node: stack traces with this
+        del node.metadata_props[:]  # machine's paths, a fifth of an int8 file
+    return proto.SerializeToString()
 
 
-def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> dict:
-    """Write the checkpoint's network, its mixed convolutions merged, to `out` as one ONNX file with
-    its metadata, after checking on the test tiles that ONNX Runtime's probabilities equal those of
-    the checkpoint's own (unmerged) PyTorch network within ONNX_TOLERANCE with identical predicted
-    classes (a mismatch is an error and nothing is written)."""
-    onnx, ort = import_onnx()
-    size = ckpt["identity"]["img_size"]
-    wrapper = Deployable(model.to("cpu", memory_format=torch.contiguous_format).float()).eval()
-    proto = onnx.load_from_string(_onnx_bytes(Deployable(for_export(wrapper.model)).eval(), size))
-    meta = {"mpkd_format": ONNX_FORMAT, "classes": json.dumps(ckpt["identity"]["classes"]),
+def onnx_metadata(ckpt: dict, path, size: int) -> dict[str, str]:
+    """The metadata every exported file carries: what --images and --map need, and where it came from."""
+    return {"mpkd_format": ONNX_FORMAT, "classes": json.dumps(ckpt["identity"]["classes"]),
             "img_size": str(size), "input": f"images: uint8 RGB tiles (N, {size}, {size}, 3)",
             "outputs": "probabilities (N, C) float32 (softmax inside); logits (N, C)",
             "method": ckpt["method"], "network": ckpt["model"], "checkpoint": str(path),
             "checkpoint_sha256": mpkd.file_fingerprint(path), "identity": json.dumps(ckpt["identity"]),
             "tile_um": str(ckpt.get("tile", {}).get("um", "")),  # the field of view, for --map
             "stain": json.dumps(ckpt.get("stain"))}  # the training tiles' stain, for --stain-norm
+
+
+def with_metadata(proto, meta: dict[str, str]) -> bytes:
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    blob = proto.SerializeToString()
-    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    tiles = part["images"].cpu().permute(0, 2, 3, 1).contiguous()  # (N, S, S, 3) uint8
+    return proto.SerializeToString()
+
+
+def tiles_nhwc(images: torch.Tensor) -> np.ndarray:
+    """uint8 (N, 3, S, S) CPU images as the exported file takes them: (N, S, S, 3)."""
+    return images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def reference_probabilities(wrapper: torch.nn.Module, tiles: np.ndarray) -> np.ndarray:
+    """The checkpoint's own network (in a Deployable) on uint8 (N, S, S, 3) tiles, 256 at a time."""
     with torch.inference_mode():
-        expected = torch.cat([wrapper(tiles[i:i + 256])[0] for i in range(0, len(tiles), 256)]).numpy()
-    got = np.concatenate([session.run(["probabilities"], {"images": tiles[i:i + 256].numpy()})[0]
-                          for i in range(0, len(tiles), 256)])
+        return torch.cat([wrapper(torch.from_numpy(tiles[i:i + 256]))[0] for i in range(0, len(tiles), 256)]).numpy()
+
+
+def session_probabilities(session, tiles: np.ndarray) -> np.ndarray:
+    return np.concatenate([session.run(["probabilities"], {"images": tiles[i:i + 256]})[0]
+                           for i in range(0, len(tiles), 256)])
+
+
+def checked_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict) -> dict:
+    """The checkpoint's network, its mixed convolutions merged, as one ONNX file (bytes) with its
+    metadata, after checking on the test tiles that ONNX Runtime's probabilities equal those of the
+    checkpoint's own (unmerged) PyTorch network within ONNX_TOLERANCE with identical predicted
+    classes (a mismatch is an error)."""
+    onnx, ort = import_onnx()
+    size = ckpt["identity"]["img_size"]
+    wrapper = Deployable(model.to("cpu", memory_format=torch.contiguous_format).float()).eval()
+    proto = onnx.load_from_string(_onnx_bytes(Deployable(for_export(wrapper.model)).eval(), size))
+    blob = with_metadata(proto, onnx_metadata(ckpt, path, size))
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    tiles = tiles_nhwc(part["images"])
+    expected, got = reference_probabilities(wrapper, tiles), session_probabilities(session, tiles)
     worst, same = float(np.abs(got - expected).max()), bool((got.argmax(1) == expected.argmax(1)).all())
     if worst > ONNX_TOLERANCE or not same:
         raise mpkd.UserError(f"the exported model disagrees with PyTorch on the {len(tiles)} test tiles "
                              f"(largest probability difference {worst:.2e}, tolerance {ONNX_TOLERANCE:.0e}; "
-                             f"same classes: {same}); {out} was not written")
-    mpkd.write_bytes_atomic(blob, out)
-    return {"path": str(out), "bytes": len(blob), "tiles_checked": len(tiles), "max_abs_diff": worst,
-            "session": session, "size": size}
+                             f"same classes: {same})")
+    return {"blob": blob, "bytes": len(blob), "tiles_checked": len(tiles), "max_abs_diff": worst,
+            "session": session, "size": size, "wrapper": wrapper, "expected": expected}
+
+
+def export_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict, out) -> dict:
+    """Write `checked_onnx`'s file to `out`; nothing is written where its check fails."""
+    try:
+        exported = checked_onnx(ckpt, path, model, part)
+    except mpkd.UserError as err:
+        raise mpkd.UserError(f"{err}; {out} was not written") from None
+    mpkd.write_bytes_atomic(exported["blob"], out)
+    return {**exported, "path": str(out)}
 
 
 def open_onnx(path):
@@ -1716,6 +1759,323 @@ def export_lines(network: str, exported) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Deployment: an int8 file (--export --int8; onnxruntime.quantization imported only for it)
+
+INT8_AGREEMENT = 0.99  # the least share of test tiles whose top-1 class the int8 file keeps
+INT8_ACCURACY_POINTS = 0.5  # the most its test accuracy may differ from the fp32 network's
+INT8_CALIBRATION_TILES = 256  # training tiles calibrated on (each in both views; docs/deploy.md)
+INT8_SETTINGS = {"format": "QDQ", "weights": "int8, symmetric, per output channel",
+                 "activations": "uint8, per tensor", "calibration": "Percentile 99.999",
+                 "float": "the stem convolution (on the pixels as they are), the classifier (Gemm), the softmax"}
+
+
+class RawStem(torch.nn.Module):
+    """The stem convolution and its BatchNorm on 0-255 pixels: bn(conv(normalise(x))) computed as
+    one convolution of x, with the normalisation and the BatchNorm folded into its weights, plus a
+    constant map that carries their offsets and, at the borders, the zero padding of normalised
+    pixels (the mean, in 0-255 pixels). The same sums, so exact up to float rounding; the int8 file
+    then casts the pixels and convolves them, where normalising every pixel in float took a seventh
+    of its time (docs/deploy.md)."""
+
+    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, size: int):
+        super().__init__()
+        mean = 255 * torch.tensor(mpkd.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = 255 * torch.tensor(mpkd.IMAGENET_STD).view(1, 3, 1, 1)
+        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.conv = torch.nn.Conv2d(3, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                    conv.dilation)
+        with torch.no_grad():  # what conv and BatchNorm (its activation apart) make of zero pixels
+            blank = conv((torch.zeros(1, 3, size, size) - mean) / std)
+            offset = torch.nn.functional.batch_norm(blank, bn.running_mean, bn.running_var, bn.weight,
+                                                    bn.bias, False, 0.0, bn.eps)
+            inner = offset[0, :, offset.shape[2] // 2, offset.shape[3] // 2]  # no padding in its view
+            self.conv.weight.copy_(conv.weight * gain.view(-1, 1, 1, 1) / std)
+            self.conv.bias.copy_(inner)  # the bias: the convolution's output keeps its usual range
+            self.register_buffer("border", offset - inner.view(1, -1, 1, 1))  # zero inside
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.border
+
+
+class RawDeployable(torch.nn.Module):
+    """Deployable for a network whose stem is a RawStem: the same file interface, no normalisation."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tiles: torch.Tensor):
+        logits = self.model(tiles.permute(0, 3, 1, 2).float())
+        return torch.softmax(logits, dim=1), logits
+
+
+def int8_network(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """What the int8 file is made from: for_export's network, as a RawDeployable where the network
+    has timm's plain stem (a Conv2d, then BatchNormAct2d), else as a Deployable."""
+    model = for_export(model).eval()
+    stem, bn = getattr(model, "conv_stem", None), getattr(model, "bn1", None)
+    if not (type(stem) is torch.nn.Conv2d and stem.groups == 1 and stem.padding_mode == "zeros"
+            and type(bn).__name__ == "BatchNormAct2d" and isinstance(bn.drop, torch.nn.Identity)):
+        return Deployable(model).eval()
+    model.conv_stem, model.bn1 = RawStem(stem, bn, size), bn.act
+    return RawDeployable(model).eval()
+
+
+def global_pools(proto):
+    """Every mean over height and width (ReduceMean) as GlobalAveragePool, with a Flatten where the
+    mean drops those axes: the same numbers, and an operator the quantiser keeps in int8, where
+    around a ReduceMean it dequantises the whole activation to float first (docs/deploy.md)."""
+    from onnx import helper, numpy_helper
+    constants = {t.name: numpy_helper.to_array(t).tolist() for t in proto.graph.initializer}
+    nodes = []
+    for node in proto.graph.node:
+        keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if node.op_type != "ReduceMean" or len(node.input) < 2 or constants.get(node.input[1]) not in ([2, 3], [-2, -1]):
+            nodes.append(node)
+        elif keep:
+            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+        else:
+            pooled = node.output[0] + "_pooled"
+            nodes += [helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=node.name),
+                      helper.make_node("Flatten", [pooled], list(node.output), name=node.name + "_flatten", axis=1)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+def _blocks(nonzero: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(row, row end, column, column end) of the diagonal blocks outside which a 2-D mask is False:
+    a cut after row r at column c wherever rows before r use only columns before c and rows from r
+    on only columns from c on."""
+    rows, cols = nonzero.shape
+    lo = np.where(nonzero.any(1), nonzero.argmax(1), cols)
+    hi = np.where(nonzero.any(1), cols - 1 - nonzero[:, ::-1].argmax(1), -1)
+    first = np.minimum.accumulate(lo[::-1])[::-1]  # the first column any row from r on uses
+    last = np.maximum.accumulate(hi)  # the last column any row up to r uses
+    cuts = [(r, int(first[r])) for r in range(1, rows) if last[r - 1] < first[r] < cols]
+    edges = [(0, 0)] + cuts + [(rows, cols)]
+    return [(r0, r1, c0, c1) for (r0, c0), (r1, c1) in zip(edges, edges[1:])]
+
+
+def _rings(weight: np.ndarray) -> list[tuple[int, int, int]]:
+    """(channel, channel end, kernel) of runs of depthwise channels whose nonzero weights lie in a
+    centred kernel of that size: MixNet's mixed kernels, zero-padded to the largest by the merge."""
+    k = weight.shape[-1]
+    centre = np.abs(np.arange(k) - k // 2)
+    reach = np.maximum(centre[:, None], centre[None, :])  # ring of each kernel position
+    used = np.array([2 * int(reach[w != 0].max(initial=0)) + 1 for w in weight[:, 0]])
+    starts = [0] + [c for c in range(1, len(used)) if used[c] != used[c - 1]]
+    return [(c0, c1, int(used[c0])) for c0, c1 in zip(starts, starts[1:] + [len(used)])]
+
+
+def compact_weights(proto) -> None:
+    """Store each int8 convolution weight that is mostly zeros by construction (merge_mixed_convs:
+    block-diagonal 1x1 weights, depthwise kernels padded to the largest) as its nonzero blocks plus
+    Pad and Concat nodes that rebuild it. Lossless; a runtime folds the constant back when it
+    loads the file; the file is smaller by the zeros (MixNet-S: 0.66 million)."""
+    from onnx import helper, numpy_helper
+    weights = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    kept, nodes = [], []
+    for tensor in proto.graph.initializer:
+        w = numpy_helper.to_array(tensor)
+        if tensor.name not in weights or w.dtype != np.int8 or w.ndim != 4:
+            kept.append(tensor)
+            continue
+        k = w.shape[2]
+        if w.shape[1] == 1 and w.shape[3] == k > 1:  # depthwise: centred kernels, padded by m
+            parts = [(w[c0:c1, :, m:k - m, m:k - m], [0, 0, m, m, 0, 0, m, m])
+                     for c0, c1, m in ((c0, c1, (k - used) // 2) for c0, c1, used in _rings(w))]
+        elif w.shape[2:] == (1, 1):  # pointwise: diagonal blocks, padded on the input channels
+            parts = [(w[r0:r1, c0:c1], [0, c0, 0, 0, 0, w.shape[1] - c1, 0, 0])
+                     for r0, r1, c0, c1 in _blocks(w[:, :, 0, 0] != 0)]
+        else:
+            parts = []
+        if not parts or sum(block.size for block, _ in parts) > 0.9 * w.size:  # little to gain
+            kept.append(tensor)
+            continue
+        pieces = []
+        for i, (block, pads) in enumerate(parts):
+            name = f"{tensor.name}_block{i}"
+            kept += [numpy_helper.from_array(np.ascontiguousarray(block), name),
+                     numpy_helper.from_array(np.array(pads, dtype=np.int64), name + "_pads")]
+            nodes.append(helper.make_node("Pad", [name, name + "_pads"], [name + "_full"], name=name + "_pad"))
+            pieces.append(name + "_full")
+        nodes.append(helper.make_node("Concat", pieces, [tensor.name], name=tensor.name + "_concat", axis=0))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    nodes += proto.graph.node  # the rebuilt constants first: the graph stays in topological order
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def import_quantisation():
+    """onnxruntime.quantization, or the one-line error of import_onnx."""
+    import_onnx()
+    from onnxruntime import quantization
+    return quantization
+
+
+def calibration_tiles(data: dict, size: int) -> tuple[np.ndarray, dict]:
+    """What the int8 file is calibrated on: up to INT8_CALIBRATION_TILES tiles of the training
+    split, evenly spaced over it, each as stored and mirrored (the two views training shows), as
+    uint8 (N, S, S, 3); and what the metadata records of them, with fingerprints (SHA-256 prefixes)
+    of their file names and pixels. Never a test tile."""
+    train = data["split"]["train"]
+    picked = sorted({train[int(i)] for i in np.linspace(0, len(train) - 1, min(len(train), INT8_CALIBRATION_TILES))})
+    files = [data["files"][i] for i in picked]
+    tiles = tiles_nhwc(mpkd.load_images(data["root"], files, size))
+    tiles = np.concatenate([tiles, tiles[:, :, ::-1]])  # width is axis 2: the horizontal flip
+    return tiles, {"split": "train", "tiles": len(files), "views": "each as stored and mirrored",
+                   "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()[:16],
+                   "pixels_sha256": hashlib.sha256(tiles.tobytes()).hexdigest()[:16], "files": files}
+
+
+def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray, method: str = "Percentile"):
+    """The int8 ONNX model (a proto) of a RawDeployable or Deployable `network`: exported with its
+    pools as GlobalAveragePool, then ONNX Runtime's static quantisation as INT8_SETTINGS say,
+    calibrated on `calibration` (uint8 tiles), the zeros of merged convolutions left out of the file."""
+    onnx, _ = import_onnx()
+    quantization = import_quantisation()
+    proto = global_pools(onnx.load_from_string(_onnx_bytes(network, size)))
+
+    class Batches(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration[i:i + 64] for i in range(0, len(calibration), 64))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, pre, out = (str(Path(tmp) / name) for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(proto, fp32)
+        quantization.shape_inference.quant_pre_process(fp32, pre)
+        nodes = onnx.load(pre).graph.node
+        floats = [next(n.name for n in nodes if n.op_type == "Conv")]  # the stem, then classifier and softmax
+        floats += [n.name for n in nodes if n.op_type in ("Gemm", "Softmax")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantization.quantize_static(
+                pre, out, Batches(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                calibrate_method=getattr(quantization.CalibrationMethod, method), nodes_to_exclude=floats)
+        proto = onnx.load(out)
+    compact_weights(proto)
+    return proto
+
+
+def int8_figures(session, reference: np.ndarray, labels: np.ndarray, tiles: np.ndarray) -> dict:
+    """The gate's figures: top-1 agreement with the fp32 network, both accuracies, largest
+    probability difference, on the test tiles."""
+    got = session_probabilities(session, tiles)
+    return {"tiles": len(tiles), "agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
+            "accuracy_int8": float(100 * (got.argmax(1) == labels).mean()),
+            "accuracy_fp32": float(100 * (reference.argmax(1) == labels).mean()),
+            "max_abs_diff": float(np.abs(got - reference).max())}
+
+
+def figures_line(f: dict) -> str:
+    return (f"top-1 agreement with the fp32 network {100 * f['agreement']:.2f}% of {f['tiles']} test tiles, "
+            f"accuracy {f['accuracy_int8']:.2f}% against {f['accuracy_fp32']:.2f}%, largest probability "
+            f"difference {f['max_abs_diff']:.3f}")
+
+
+def export_int8(ckpt: dict, path, model: torch.nn.Module, data: dict, part: dict, out) -> dict:
+    """--export --int8: the checkpoint's network quantised to int8 and written to `out` only if, on
+    the test tiles, it keeps the fp32 network's top-1 class on at least INT8_AGREEMENT of them and
+    its accuracy within INT8_ACCURACY_POINTS; else an error naming the figures and the settings.
+    The fp32 file is built and checked first (checked_onnx): the reference and the benchmark's."""
+    _, ort = import_onnx()
+    fp32 = checked_onnx(ckpt, path, model, part)
+    size, tiles = fp32["size"], tiles_nhwc(part["images"])
+    calibration, calibrated = calibration_tiles(data, size)
+    proto = quantise(int8_network(fp32["wrapper"].model, size), size, calibration)
+    meta = {**onnx_metadata(ckpt, path, size), "precision": "int8", "quantisation": json.dumps(INT8_SETTINGS),
+            "calibration": json.dumps({k: v for k, v in calibrated.items() if k != "files"})}
+    session = ort.InferenceSession(with_metadata(proto, meta), providers=["CPUExecutionProvider"])
+    figures = int8_figures(session, fp32["expected"], part["labels"].cpu().numpy(), tiles)
+    if (figures["agreement"] < INT8_AGREEMENT
+            or abs(figures["accuracy_int8"] - figures["accuracy_fp32"]) > INT8_ACCURACY_POINTS):
+        settings = "; ".join(f"{k} {v}" for k, v in INT8_SETTINGS.items())
+        raise mpkd.UserError(f"the int8 network is too far from the fp32 one: {figures_line(figures)} (at "
+                             f"least {INT8_AGREEMENT:.0%} agreement and {INT8_ACCURACY_POINTS} points needed; "
+                             f"settings: {settings}; calibrated on {calibrated['tiles']} training tiles, "
+                             f"both views); {out} was not written")
+    blob = with_metadata(proto, {"int8_check": json.dumps(figures)})
+    mpkd.write_bytes_atomic(blob, out)
+    return {"path": str(out), "bytes": len(blob), "size": size, "figures": figures, "calibration": calibrated,
+            "fp32": fp32, "session": session}
+
+
+def openvino_models(blobs: dict[str, bytes]) -> dict:
+    """OpenVINO compiled models of the files in `blobs` (name: ONNX bytes): the fp32 file asked for
+    f32 and at OpenVINO's default precision (bf16 on CPUs that have it), the int8 file as it is;
+    {} where OpenVINO is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    core, models = openvino.Core(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, blob in blobs.items():
+            (Path(tmp) / f"{name}.onnx").write_bytes(blob)
+            read = core.read_model(str(Path(tmp) / f"{name}.onnx"))
+            if name == "fp32":
+                models["OpenVINO fp32 file, f32"] = core.compile_model(read, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                models["OpenVINO fp32 file, default precision"] = core.compile_model(read, "CPU")
+            else:
+                models[f"OpenVINO {name} file"] = core.compile_model(read, "CPU")
+    return models
+
+
+def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
+    """--export --int8 --benchmark: batch-1 latency (ms) and images/s at batch 64 of the int8 and
+    fp32 files in ONNX Runtime and OpenVINO, in whole blocks taking turns (A B C ... C B A, means
+    of each one's two blocks), on the same random uint8 tiles; and each one's top-1 agreement with
+    the fp32 network on the test tiles."""
+    cpu = torch.device("cpu")
+    runs = {"ONNX Runtime fp32 file": exported["fp32"]["session"], "ONNX Runtime int8 file": exported["session"]}
+    runs |= openvino_models({"fp32": exported["fp32"]["blob"], "int8": Path(exported["path"]).read_bytes()})
+
+    def call(model, tiles):
+        if hasattr(model, "run"):
+            return model.run(["probabilities"], {"images": tiles})[0]
+        return model(tiles)[model.output("probabilities")]
+
+    test, reference = tiles_nhwc(part["images"]), exported["fp32"]["expected"]
+    out = {name: {"agreement": float((np.concatenate([call(m, test[i:i + 64]) for i in range(0, len(test), 64)]).argmax(1)
+                                      == reference.argmax(1)).mean())} for name, m in runs.items()}
+    size, order = exported["size"], list(runs) + list(runs)[::-1]
+    for n, key in ((1, "latency_ms"), (64, "throughput")):
+        tiles = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        times = {name: [] for name in runs}
+        for name in order:
+            times[name] += _median_seconds([lambda m=runs[name]: call(m, tiles)], cpu,
+                                           repeats if n == 1 else max(3, repeats // 4), warmup=3)
+        for name, seconds in times.items():
+            out[name][key] = float(1000 * np.mean(seconds) if n == 1 else n / np.mean(seconds))
+    return out
+
+
+def int8_lines(network: str, exported: dict) -> list[str]:
+    """What --export --int8 did, and with --benchmark how the int8 and fp32 files run."""
+    c = exported["calibration"]
+    lines = ["", f"wrote {exported['path']} ({exported['bytes'] / 1e6:.3f} MB, int8; the fp32 file "
+                 f"{exported['fp32']['bytes'] / 1e6:.3f} MB), calibrated on {c['tiles']} training tiles in both "
+                 f"views (pixels {c['pixels_sha256']}): {figures_line(exported['figures'])}"]
+    if "benchmark" in exported:
+        b = exported["benchmark"]
+        base = b["ONNX Runtime fp32 file"]["throughput"]
+        lines += [f"{network} on the CPU, taking turns ({len(b)} runs):"]
+        lines += [f"  {name:<38} batch-1 {r['latency_ms']:6.2f} ms, {r['throughput']:7.1f} img/s at batch 64 "
+                  f"({r['throughput'] / base:.2f}x ONNX Runtime fp32), top-1 agreement {100 * r['agreement']:.2f}%"
+                  for name, r in b.items()]
+        if not any(name.startswith("OpenVINO") for name in b):
+            lines.append("  OpenVINO is not installed (pip install openvino): measured in ONNX Runtime only")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def check_args(args) -> None:
@@ -1724,6 +2084,8 @@ def check_args(args) -> None:
                                   ("--export", args.export)) if on]
     if args.external and len(jobs) > 1:
         raise mpkd.UserError(f"{jobs[0]} and {jobs[1]} are separate jobs: run one at a time")
+    if args.int8 and not args.export:
+        raise mpkd.UserError("--int8 quantises the file --export writes: pass --export PATH.int8.onnx too")
     if args.image_mpp is not None and not args.image_mpp > 0:
         raise mpkd.UserError(f"--image-mpp {args.image_mpp} must be positive: microns per pixel (0.5 at 20x)")
     for flag, value, needs, jobs_of in (("--class-map", args.class_map, args.external, "--external"),
@@ -1768,7 +2130,8 @@ def main(args):
     if args.external:
         lines += external_lines(rows)
     if args.export:
-        lines += export_lines(rows[0]["network"], export_checkpoint(args.checkpoints[0], args, device, cache))
+        lines += (int8_lines if args.int8 else export_lines)(
+            rows[0]["network"], export_checkpoint(args.checkpoints[0], args, device, cache))
     print("\n".join(lines))
     if args.json:
         report = {"checkpoints": [{k: v for k, v in r.items() if k not in PER_TILE} for r in rows],
