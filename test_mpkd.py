@@ -4,6 +4,9 @@
 """
 
 import argparse
+import contextlib
+import hashlib
+import io
 import json
 import math
 import os
@@ -1509,6 +1512,170 @@ def test_images_with_the_onnx_file_equals_the_checkpoint(exported, student, data
     assert [r["predicted"] for r in a] == [r["predicted"] for r in b] and len(a) == 12
     cols = [k for k in a[0] if k.startswith("p_")]
     assert all(float(x[c]) == pytest.approx(float(y[c]), abs=1e-5) for x, y in zip(a, b) for c in cols)
+
+
+@pytest.fixture(scope="module")
+def steady_model(map_model):
+    """map_model's student trained again in batches of 32: 100% on its 80 test tiles, and it keeps
+    its class when pixels move by one grey level (map_model, in batches of 8, does not: 93.75%)."""
+    out = map_model.parent / "steady.pt"
+    distill.main(distill.get_args(["--data", str(map_model.parent / "d"), "--distill-weight", "0", "--teacher-logits",
+                                   str(map_model.parent / "none.pt"), "--out", str(out), "--epochs", "10",
+                                   "--step-size", "3", "--img-size", "32", "--batch-size", "32", "--device", "cpu"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8(steady_model, tmp_path_factory):
+    """steady_model written as an int8 file by evaluate.py --export --int8 --benchmark, and what
+    the command printed."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("int8") / "student.int8.onnx"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate.main(evaluate.get_args([str(steady_model), "--device", "cpu", "--export", str(out), "--int8",
+                                         "--benchmark"]))
+    return out, printed.getvalue()
+
+
+def _test_tiles(model):
+    """The test part of a checkpoint trained with the default split at 32 px, in the folder it records."""
+    data = mpkd.load_dataset(mpkd.load_file(model, mpkd.CHECKPOINT_FORMAT)["args"]["data"], 32, "tile", 0, 0.2, 0.2)
+    return mpkd.load_part(data, "test", torch.device("cpu"))
+
+
+def test_int8_file_agrees_with_the_fp32_network_and_records_its_check(int8, steady_model):
+    import onnxruntime as ort
+    path, printed = int8
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [inp] = session.get_inputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    assert [(o.name, o.shape[1]) for o in session.get_outputs()] == [("probabilities", 4), ("logits", 4)]
+    student, test = steady_model, _test_tiles(steady_model)
+    probs = session.run(["probabilities"], {"images": test["images"].permute(0, 2, 3, 1).numpy()})[0]
+    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
+    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, student), test["images"], "fp32"), 1).numpy()
+    labels = test["labels"].numpy()
+    agreement = (probs.argmax(1) == expected.argmax(1)).mean()
+    accuracy, accuracy32 = 100 * (probs.argmax(1) == labels).mean(), 100 * (expected.argmax(1) == labels).mean()
+    assert agreement >= evaluate.INT8_AGREEMENT and abs(accuracy - accuracy32) <= evaluate.INT8_ACCURACY_POINTS
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["precision"] == "int8" and json.loads(meta["quantisation"]) == evaluate.INT8_SETTINGS
+    assert json.loads(meta["classes"]) == ckpt["identity"]["classes"] and meta["img_size"] == "32"
+    assert meta["mpkd_format"] == evaluate.ONNX_FORMAT and meta["checkpoint_sha256"] == mpkd.file_fingerprint(student)
+    check = json.loads(meta["int8_check"])  # the gate's figures, recorded: they are those computed here
+    assert len(labels) == 80 and 95 < accuracy32  # a trained model, not one at chance
+    assert check["tiles"] == len(labels) and check["agreement"] == pytest.approx(agreement)
+    assert check["accuracy_int8"] == pytest.approx(accuracy) and check["accuracy_fp32"] == pytest.approx(accuracy32)
+    assert check["max_abs_diff"] == pytest.approx(np.abs(probs - expected).max(), abs=1e-4)
+    assert f"top-1 agreement with the fp32 network {100 * agreement:.2f}% of {len(labels)} test tiles" in printed
+    fp32 = evaluate.checked_onnx(ckpt, student, mpkd.load_model(ckpt, student).eval(), test)["bytes"]
+    assert path.stat().st_size < fp32 / 3  # int8 weights, and the merged convolutions' zeros left out
+
+
+def test_int8_calibration_is_training_tiles_never_test_tiles(int8, steady_model):
+    import onnxruntime as ort
+    data = mpkd.load_dataset(steady_model.parent / "d", 32, "tile", 0, 0.2, 0.2)
+    tiles, calibrated = evaluate.calibration_tiles(data, 32)
+    train, test = ({data["files"][i] for i in data["split"][part]} for part in ("train", "test"))
+    assert set(calibrated["files"]) <= train and not set(calibrated["files"]) & test
+    assert len(tiles) == 2 * calibrated["tiles"] and (tiles[calibrated["tiles"]:] == tiles[:calibrated["tiles"], :, ::-1]).all()
+    recorded = json.loads(ort.InferenceSession(str(int8[0]), providers=["CPUExecutionProvider"])
+                          .get_modelmeta().custom_metadata_map["calibration"])
+    assert recorded == {k: v for k, v in calibrated.items() if k != "files"}  # the fingerprints of these tiles
+    test_tiles = evaluate.tiles_nhwc(mpkd.load_part(data, "test", torch.device("cpu"))["images"])
+    assert hashlib.sha256(test_tiles.tobytes()).hexdigest()[:16] != recorded["pixels_sha256"]
+
+
+def test_int8_network_and_compaction_change_nothing_but_rounding(map_model):
+    """The int8 file's float network (stem reading raw pixels) equals the checkpoint's; leaving the
+    merged convolutions' zeros out of the file changes not one output."""
+    import onnxruntime as ort
+    for name in ("mixnet_s", "mixnet_l"):
+        torch.manual_seed(0)
+        model = mpkd.build_mixnet(name, 8, pretrained=False).eval()
+        with torch.no_grad():  # BatchNorm away from (0, 1), so a wrong fold shows
+            for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
+        tiles = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+        raw = evaluate.int8_network(model, 48)
+        assert isinstance(raw, evaluate.RawDeployable)
+        got, expected = (evaluate.reference_probabilities(m, tiles) for m in (raw, evaluate.Deployable(model).eval()))
+        assert np.abs(got - expected).max() < 1e-4
+    ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)
+    network = evaluate.int8_network(mpkd.load_model(ckpt, map_model).eval(), 32)
+    tiles = evaluate.tiles_nhwc(_test_tiles(map_model)["images"])
+    compact = evaluate.quantise(network, 32, tiles)
+    compaction, evaluate.compact_weights = evaluate.compact_weights, lambda proto: None
+    try:
+        whole = evaluate.quantise(network, 32, tiles)
+    finally:
+        evaluate.compact_weights = compaction
+    outputs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": tiles})
+               for p in (compact, whole)]
+    assert all((a == b).all() for a, b in zip(*outputs))
+    assert compact.ByteSize() < whole.ByteSize() - 100_000  # MixNet-S's zeros: 0.66 million int8 weights
+    assert {"Pad", "Concat"} <= {n.op_type for n in compact.graph.node}
+
+
+def test_int8_gate_refuses_a_file_that_disagrees_and_writes_nothing(map_model, tmp_path):
+    """map_model changes its class on 6% of its test tiles when pixels move by one grey level; its
+    int8 network moves as much, and the gate refuses it."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "s.int8.onnx"
+    with pytest.raises(mpkd.UserError) as err:
+        evaluate.main(evaluate.get_args([str(map_model), "--device", "cpu", "--export", str(out), "--int8"]))
+    message = str(err.value)
+    assert "too far from the fp32 one: top-1 agreement with the fp32 network" in message
+    assert "settings: format QDQ" in message and message.endswith(f"{out} was not written")
+    agreement, kept = (float(x) for x in re.search(r"network ([\d.]+)% of 80 .* on ([\d.]+)% of them", message).groups())
+    assert agreement < 100 * evaluate.INT8_AGREEMENT and kept < 100  # the network's own fragility shows
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_bad_inputs_are_one_line_errors(student, data_dir, tmp_path):
+    with pytest.raises(mpkd.UserError, match="--int8 quantises the file --export writes: pass --export"):
+        evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--int8"]))
+    ckpt = torch.load(student, weights_only=False)
+    ckpt["args"]["data"] = str(tmp_path / "gone")  # the training tiles' folder is not on this machine
+    torch.save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(mpkd.UserError, match="is not here .*; pass --data DIR"):
+        evaluate.main(evaluate.get_args([str(tmp_path / "moved.pt"), "--device", "cpu",
+                                         "--export", str(tmp_path / "s.int8.onnx"), "--int8"]))
+    assert not (tmp_path / "s.int8.onnx").exists()
+
+
+def test_images_with_the_int8_file(int8, steady_model, tmp_path):
+    import onnxruntime as ort
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    files = sorted((steady_model.parent / "d").rglob("*.png"))[::40]
+    names = [f"{f.parent.name}_{f.name}" for f in files]
+    for f, name in zip(files, names):
+        (folder / name).write_bytes(f.read_bytes())
+    evaluate.main(evaluate.get_args([str(int8[0]), "--images", str(folder), "--device", "cpu",
+                                     "--predictions", str(tmp_path / "p.csv")]))
+    rows = _csv(tmp_path / "p.csv")
+    tiles = evaluate.tiles_nhwc(mpkd.load_images(folder, names, 32))
+    probs = ort.InferenceSession(str(int8[0]), providers=["CPUExecutionProvider"]).run(["probabilities"], {"images": tiles})[0]
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    assert [r["file"] for r in rows] == names and len(rows) == 10
+    assert [r["predicted"] for r in rows] == [classes[i] for i in probs.argmax(1)]
+    assert all(float(r[f"p_{c}"]) == pytest.approx(float(p[j]), abs=1e-5) for r, p in zip(rows, probs)
+               for j, c in enumerate(classes))
+
+
+def test_int8_benchmark_and_openvino_parity(int8, steady_model):
+    path, printed = int8
+    assert "ONNX Runtime int8 file" in printed and "ONNX Runtime fp32 file" in printed and "img/s at batch 64" in printed
+    ov = pytest.importorskip("openvino")
+    model = ov.Core().compile_model(str(path), "CPU")  # the int8 file as it is: OpenVINO's int8 kernels
+    student, test = steady_model, _test_tiles(steady_model)
+    probs = model(test["images"].permute(0, 2, 3, 1).contiguous().numpy())[model.output("probabilities")]
+    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
+    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, student), test["images"], "fp32"), 1).numpy()
+    assert (probs.argmax(1) == expected.argmax(1)).mean() >= evaluate.INT8_AGREEMENT
+    assert "OpenVINO int8 file" in printed and "OpenVINO fp32 file, f32" in printed
 
 
 @pytest.mark.parametrize("name", ["mixnet_s", "mixnet_l"])
