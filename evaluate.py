@@ -7,6 +7,7 @@ significance tests and pictures; or predict a folder of new tiles, or map large 
     python evaluate.py runs/seed*/{teacher,alone,vanilla,mpkd}.pt          # several seeds
     python evaluate.py student.pt --images new_tiles/ --predictions new_tiles.csv  # no labels needed
     python evaluate.py student.pt --export student.onnx --benchmark    # one deployable file, measured
+    python evaluate.py student.pt --export student.int8.onnx --int8  # int8, checked against fp32
     python evaluate.py student.onnx --images new_tiles/                # the exported file on new tiles
     python evaluate.py student.onnx --map slides/ --out-dir maps      # tissue maps of slides or large images
     python evaluate.py teacher.pt student.pt --external crc-val-he-7k  # another lab's tiles, at their scale
