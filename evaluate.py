@@ -1941,7 +1941,6 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray, metho
     quantization = import_quantisation()
     ort.set_default_logger_severity(3)  # not its notes on initializers the quantiser leaves unused
     proto = global_pools(onnx.load_from_string(_onnx_bytes(network, size)))
-
     batch = max(b for b in range(1, 65) if len(calibration) % b == 0)  # Percentile needs equal batches
 
     class Batches(quantization.CalibrationDataReader):
@@ -1949,8 +1948,8 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray, metho
             self.batches = iter(calibration[i:i + batch] for i in range(0, len(calibration), batch))
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"images": batch}
+            chunk = next(self.batches, None)
+            return None if chunk is None else {"images": chunk}
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre, out = (str(Path(tmp) / name) for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
