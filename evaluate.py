@@ -1640,6 +1640,8 @@ def onnx_metadata(ckpt: dict, path, size: int) -> dict[str, str]:
 
 
 def with_metadata(proto, meta: dict[str, str]) -> bytes:
+    """Add `meta` to the metadata of `proto` (in place: a second call adds to the first) and return
+    the file's bytes."""
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     return proto.SerializeToString()
@@ -1765,7 +1767,6 @@ def export_lines(network: str, exported) -> list[str]:
 
 INT8_AGREEMENT = 0.99  # the least share of test tiles whose top-1 class the int8 file keeps
 INT8_ACCURACY_POINTS = 0.5  # the most its test accuracy may differ from the fp32 network's
-INT8_FLOAT_CONVS = 1  # the first convolutions, kept in float: the stem (docs/deploy.md)
 INT8_CALIBRATION_TILES = 256  # training tiles calibrated on (each in both views; docs/deploy.md)
 INT8_SETTINGS = {"format": "QDQ", "weights": "int8, symmetric, per output channel",
                  "activations": "uint8, per tensor", "calibration": "Percentile 99.999",
@@ -1933,7 +1934,7 @@ def calibration_tiles(data: dict, size: int) -> tuple[np.ndarray, dict]:
                    "pixels_sha256": hashlib.sha256(tiles.tobytes()).hexdigest()[:16], "files": files}
 
 
-def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray, method: str = "Percentile"):
+def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray):
     """The int8 ONNX model (a proto) of a RawDeployable or Deployable `network`: exported with its
     pools as GlobalAveragePool, then ONNX Runtime's static quantisation as INT8_SETTINGS say,
     calibrated on `calibration` (uint8 tiles), the zeros of merged convolutions left out of the file."""
@@ -1956,14 +1957,14 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray, metho
         onnx.save(proto, fp32)
         quantization.shape_inference.quant_pre_process(fp32, pre)
         nodes = onnx.load(pre).graph.node
-        floats = [n.name for n in nodes if n.op_type == "Conv"][:INT8_FLOAT_CONVS]  # the stem, then
+        floats = [next(n.name for n in nodes if n.op_type == "Conv")]  # the stem, classifier, softmax
         floats += [n.name for n in nodes if n.op_type in ("Gemm", "Softmax")]
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress notes
             warnings.simplefilter("ignore")
             quantization.quantize_static(
                 pre, out, Batches(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
                 activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-                calibrate_method=getattr(quantization.CalibrationMethod, method), nodes_to_exclude=floats)
+                calibrate_method=quantization.CalibrationMethod.Percentile, nodes_to_exclude=floats)
         proto = onnx.load(out)
     compact_weights(proto)
     return proto
@@ -1986,8 +1987,10 @@ def int8_figures(session, wrapper: torch.nn.Module, reference: np.ndarray, label
 
 
 def figures_line(f: dict) -> str:
+    ci = lambda accuracy: "{:.1f}-{:.1f}".format(*wilson_interval(round(accuracy * f["tiles"] / 100), f["tiles"]))
     return (f"top-1 agreement with the fp32 network {100 * f['agreement']:.2f}% of {f['tiles']} test tiles, "
-            f"accuracy {f['accuracy_int8']:.2f}% against {f['accuracy_fp32']:.2f}%, largest probability "
+            f"accuracy {f['accuracy_int8']:.2f}% ({ci(f['accuracy_int8'])}) against {f['accuracy_fp32']:.2f}% "
+            f"({ci(f['accuracy_fp32'])}; 95% Wilson intervals), largest probability "
             f"difference {f['max_abs_diff']:.3f} (the fp32 network keeps its own class on "
             f"{100 * f['fp32_one_grey_level']:.2f}% of them when pixels move by one grey level)")
 
