@@ -4,9 +4,14 @@ network and both accuracies on the checkpoint's test tiles, the largest probabil
 the fp32 network's own agreement when pixels move by one grey level, and the int8 file's size;
 with --external DIR also the top-1 agreement on another lab's tiles (every image under DIR, resized
 whole to the network's input), unseen in training and calibration. Nothing is written.
+With --speed instead: the sizes of MixNet-S and MixNet-L files at 112 px and the int8 benchmark
+of `--export --int8 --benchmark` (int8_benchmark), on untrained networks whose BatchNorm
+statistics are drawn at random (speed and size do not depend on the weights; no 112 px student
+trained here passes the gate).
 
     python docs/int8-students.py five/*.pt generalisation/plain-seed*/*.pt \\
         --external ../shared/data/crc_val_he_7k_samples
+    python docs/int8-students.py --speed 2
 """
 
 import argparse
@@ -45,17 +50,50 @@ def measure(path: str, external: str | None) -> dict:
     return row
 
 
+def speed(rounds: int, size: int = 112) -> None:
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    tiles = np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    for name in ("mixnet_s", "mixnet_l"):
+        model = mpkd.build_mixnet(name, 8, pretrained=False).eval()
+        with torch.no_grad():  # statistics away from (0, 1): biases are stored as a trained network's are
+            for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+        fp32 = evaluate._onnx_bytes(evaluate.Deployable(evaluate.for_export(model)).eval(), size)
+        int8 = evaluate.quantise(evaluate.int8_network(model, size), size, tiles).SerializeToString()
+        print(f"{name}, {size} px: fp32 file {len(fp32) / 1e6:.3f} MB, int8 file {len(int8) / 1e6:.3f} MB", flush=True)
+        if name != "mixnet_s":
+            continue
+        session = lambda blob: ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+        exported = {"fp32": {"session": session(fp32), "blob": fp32, "expected": evaluate.reference_probabilities(
+            evaluate.Deployable(model).eval(), tiles)}, "session": session(int8), "blob": int8, "size": size}
+        for r in range(rounds):
+            b = evaluate.int8_benchmark(exported, {"images": torch.from_numpy(tiles).permute(0, 3, 1, 2)})
+            base = b["ONNX Runtime fp32 file"]["throughput"]
+            for run, f in b.items():
+                print(f"round {r + 1}: {run:<38} batch-1 {f['latency_ms']:6.2f} ms, {f['throughput']:7.1f} img/s "
+                      f"at batch 64 ({f['throughput'] / base:.2f}x)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("checkpoints", nargs="*")
     p.add_argument("--external", default=None)
+    p.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                   help="sizes and the int8 benchmark on untrained networks, this many rounds")
     args = p.parse_args()
-    print("| checkpoint | method | test tiles | fp32 accuracy | int8 accuracy | top-1 agreement | largest "
+    if args.speed:
+        speed(args.speed)
+        return
+    print("| checkpoint | method | test tiles | fp32 accuracy (95% Wilson interval) | int8 accuracy (interval) | top-1 agreement | largest "
           "difference | fp32 under one grey level | another lab's tiles, same class | int8 MB | gate |")
     print("| --- " * 11 + "|")
     for path in args.checkpoints:
         r = measure(path, args.external)
-        print(f"| {path} | {r['method']} | {r['tiles']} | {r['accuracy_fp32']:.2f}% | {r['accuracy_int8']:.2f}% | "
+        ci = {k: "{:.1f}-{:.1f}".format(*evaluate.wilson_interval(round(r[k] * r["tiles"] / 100), r["tiles"]))
+              for k in ("accuracy_fp32", "accuracy_int8")}
+        print(f"| {path} | {r['method']} | {r['tiles']} | {r['accuracy_fp32']:.2f}% ({ci['accuracy_fp32']}) | "
+              f"{r['accuracy_int8']:.2f}% ({ci['accuracy_int8']}) | "
               f"{100 * r['agreement']:.2f}% | {r['max_abs_diff']:.3f} | {100 * r['fp32_one_grey_level']:.2f}% | "
               f"{r.get('external', '-')} | {r['bytes'] / 1e6:.2f} | {'written' if r['passes'] else 'refused'} |",
               flush=True)
