@@ -39,6 +39,11 @@ def measure(path: str, external: str | None) -> dict:
     row = {"checkpoint": path, "method": ckpt["method"], "bytes": len(blob), "fp32_bytes": fp32["bytes"],
            **evaluate.int8_figures(session, fp32["wrapper"], fp32["expected"], part["labels"].numpy(),
                                    evaluate.tiles_nhwc(part["images"]))}
+    options = ort.SessionOptions()  # the same file, each operator computed in float: what it specifies
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    graph = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    row["graph_agreement"] = float((evaluate.session_probabilities(graph, evaluate.tiles_nhwc(part["images"])).argmax(1)
+                                    == fp32["expected"].argmax(1)).mean())
     row["passes"] = (row["agreement"] >= evaluate.INT8_AGREEMENT
                      and abs(row["accuracy_int8"] - row["accuracy_fp32"]) <= evaluate.INT8_ACCURACY_POINTS)
     if external:
@@ -85,16 +90,17 @@ def main() -> None:
     if args.speed:
         speed(args.speed)
         return
-    print("| checkpoint | method | test tiles | fp32 accuracy (95% Wilson interval) | int8 accuracy (interval) | top-1 agreement | largest "
-          "difference | fp32 under one grey level | another lab's tiles, same class | int8 MB | gate |")
-    print("| --- " * 11 + "|")
+    print(f"CPU: {evaluate.cpu_features()}\n")
+    print("| checkpoint | method | test tiles | fp32 accuracy (95% Wilson interval) | int8 accuracy (interval) | top-1 agreement | the file "
+          "in float: agreement | largest difference | fp32 under one grey level | another lab's tiles, same class | int8 MB | gate |")
+    print("| --- " * 12 + "|")
     for path in args.checkpoints:
         r = measure(path, args.external)
         ci = {k: "{:.1f}-{:.1f}".format(*evaluate.wilson_interval(round(r[k] * r["tiles"] / 100), r["tiles"]))
               for k in ("accuracy_fp32", "accuracy_int8")}
         print(f"| {path} | {r['method']} | {r['tiles']} | {r['accuracy_fp32']:.2f}% ({ci['accuracy_fp32']}) | "
               f"{r['accuracy_int8']:.2f}% ({ci['accuracy_int8']}) | "
-              f"{100 * r['agreement']:.2f}% | {r['max_abs_diff']:.3f} | {100 * r['fp32_one_grey_level']:.2f}% | "
+              f"{100 * r['agreement']:.2f}% | {100 * r['graph_agreement']:.2f}% | {r['max_abs_diff']:.3f} | {100 * r['fp32_one_grey_level']:.2f}% | "
               f"{r.get('external', '-')} | {r['bytes'] / 1e6:.2f} | {'written' if r['passes'] else 'refused'} |",
               flush=True)
 
