@@ -76,7 +76,7 @@ def speed(rounds: int, size: int = 112) -> None:
             b = evaluate.int8_benchmark(exported, {"images": torch.from_numpy(tiles).permute(0, 3, 1, 2)})
             base = b["ONNX Runtime fp32 file"]["throughput"]
             for run, f in b.items():
-                print(f"round {r + 1}: {run:<38} batch-1 {f['latency_ms']:6.2f} ms, {f['throughput']:7.1f} img/s "
+                print(f"round {r + 1}: {run:<44} batch-1 {f['latency_ms']:6.2f} ms, {f['throughput']:7.1f} img/s "
                       f"at batch 64 ({f['throughput'] / base:.2f}x)", flush=True)
 
 
