@@ -2,14 +2,16 @@
 X.int8.onnx --int8` measures before it writes (or refuses) the file: top-1 agreement with the fp32
 network and both accuracies on the checkpoint's test tiles, the largest probability difference,
 the fp32 network's own agreement when pixels move by one grey level, and the int8 file's size;
+also the same file's agreement computed operator by operator in float (graph optimisation off:
+no fused int8 kernels), which tells the 8-bit arithmetic apart from the kernels that run it;
 with --external DIR also the top-1 agreement on another lab's tiles (every image under DIR, resized
 whole to the network's input), unseen in training and calibration. Nothing is written.
 With --speed instead: the sizes of MixNet-S and MixNet-L files at 112 px and the int8 benchmark
 of `--export --int8 --benchmark` (int8_benchmark), on untrained networks whose BatchNorm
-statistics are drawn at random (speed and size do not depend on the weights; no 112 px student
-trained here passes the gate).
+statistics are drawn at random (speed and size do not depend on the weights).
 
-    python docs/int8-students.py five/*.pt generalisation/plain-seed*/*.pt \\
+    python docs/int8-students.py five/{teacher,alone,student}.pt \\
+        generalisation/{plain,augmented}-seed*/{teacher,alone,vanilla,mpkd}.pt \\
         --external ../shared/data/crc_val_he_7k_samples
     python docs/int8-students.py --speed 2
 """
