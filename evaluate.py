@@ -1721,14 +1721,22 @@ def onnx_logits(session, images: torch.Tensor) -> torch.Tensor:
                       for i in range(0, len(tiles), ONNX_CHUNK)])
 
 
+def blocks_taking_turns(runs: dict, n: int, repeats: int, rounds: int) -> dict[str, float]:
+    """Seconds per call of each of `runs` (name: function of a batch of n), in whole blocks taking
+    turns (A B ... B A, `rounds` times), the median of each one's blocks: drift on a shared machine
+    falls on all alike; whole blocks rather than single calls, because each runtime's threads keep
+    spinning for a while after a call and would slow the other's next one."""
+    cpu, times = torch.device("cpu"), {name: [] for name in runs}
+    for name in (list(runs) + list(runs)[::-1]) * rounds:
+        times[name] += _median_seconds([runs[name]], cpu, repeats if n == 1 else max(3, repeats // 4), warmup=3)
+    return {name: float(np.median(seconds)) for name, seconds in times.items()}
+
+
 def onnx_benchmark(session, model: torch.nn.Module, size: int, repeats: int = 20) -> dict:
     """Batch-1 latency (median ms) and images/s at batch 64 of the exported file in ONNX Runtime and
     of the checkpoint's network in PyTorch eager as evaluate.py runs it (mpkd.predict: normalise,
-    channels_last, inference mode), on the same uint8 tiles. Blocks in the order ONNX, eager, eager,
-    ONNX, averaged, so drift on a shared machine falls on both alike; whole blocks rather than
-    single calls, because each runtime's threads keep spinning for a while after a call and would
-    slow the other's next one."""
-    cpu, model = torch.device("cpu"), mpkd.to_device(copy.deepcopy(model), torch.device("cpu")).eval()
+    channels_last, inference mode), on the same uint8 tiles, in blocks ONNX, eager, eager, ONNX."""
+    model = mpkd.to_device(copy.deepcopy(model), torch.device("cpu")).eval()
     out = {"onnx": {}, "eager": {}}
     for n, key in ((1, "latency_ms"), (64, "throughput")):
         tiles = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -1739,11 +1747,8 @@ def onnx_benchmark(session, model: torch.nn.Module, size: int, repeats: int = 20
                 torch.softmax(mpkd.predict(model, nchw, "fp32"), 1)
 
         runs = {"onnx": lambda: session.run(["probabilities"], {"images": nhwc}), "eager": eager}
-        times = {name: [] for name in runs}
-        for name in ("onnx", "eager", "eager", "onnx"):
-            times[name] += _median_seconds([runs[name]], cpu, repeats if n == 1 else max(3, repeats // 4), warmup=3)
-        for name, seconds in times.items():
-            out[name][key] = float(1000 * np.median(seconds) if n == 1 else n / np.median(seconds))
+        for name, seconds in blocks_taking_turns(runs, n, repeats, rounds=1).items():
+            out[name][key] = float(1000 * seconds if n == 1 else n / seconds)
     return out
 
 
@@ -2047,7 +2052,8 @@ def export_int8(ckpt: dict, path, model: torch.nn.Module, data: dict, part: dict
         raise mpkd.UserError(f"the int8 network is too far from the fp32 one: {figures_line(figures)} (at "
                              f"least {INT8_AGREEMENT:.0%} agreement and {INT8_ACCURACY_POINTS} points needed; "
                              f"settings: {settings}; calibrated on {made['calibration']['tiles']} training "
-                             f"tiles, both views); {out} was not written")
+                             f"tiles, both views); {out} was not written (the fp32 file, --export without "
+                             f"--int8, keeps every class; docs/deploy.md)")
     mpkd.write_bytes_atomic(made["blob"], out)
     return {**made, "path": str(out)}
 
@@ -2080,7 +2086,6 @@ def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
     fp32 files in ONNX Runtime and OpenVINO, in whole blocks taking turns (A B C ... C B A, three
     times; the median of each one's six blocks, as a shared machine's load comes and goes), on the
     same random uint8 tiles; and each one's top-1 agreement with the fp32 network on the test tiles."""
-    cpu = torch.device("cpu")
     runs = {"ONNX Runtime fp32 file": exported["fp32"]["session"], "ONNX Runtime int8 file": exported["session"]}
     runs |= openvino_models({"fp32": exported["fp32"]["blob"], "int8": exported["blob"]})
 
@@ -2092,15 +2097,11 @@ def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
     test, reference = tiles_nhwc(part["images"]), exported["fp32"]["expected"]
     out = {name: {"agreement": float((np.concatenate([call(m, test[i:i + 64]) for i in range(0, len(test), 64)]).argmax(1)
                                       == reference.argmax(1)).mean())} for name, m in runs.items()}
-    size, order = exported["size"], (list(runs) + list(runs)[::-1]) * 3
     for n, key in ((1, "latency_ms"), (64, "throughput")):
-        tiles = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        times = {name: [] for name in runs}
-        for name in order:
-            times[name] += _median_seconds([lambda m=runs[name]: call(m, tiles)], cpu,
-                                           repeats if n == 1 else max(3, repeats // 4), warmup=3)
-        for name, seconds in times.items():
-            out[name][key] = float(1000 * np.median(seconds) if n == 1 else n / np.median(seconds))
+        tiles = np.random.default_rng(0).integers(0, 256, (n, exported["size"], exported["size"], 3), dtype=np.uint8)
+        calls = {name: lambda m=m: call(m, tiles) for name, m in runs.items()}
+        for name, seconds in blocks_taking_turns(calls, n, repeats, rounds=3).items():
+            out[name][key] = float(1000 * seconds if n == 1 else n / seconds)
     return out
 
 
