@@ -1701,6 +1701,7 @@ def test_int8_benchmark_and_openvino_parity(int8, steady_model):
     assert fp32[2] == "1.00" and float(int8[2]) == pytest.approx(float(int8[1]) / float(fp32[1]), abs=0.01)
     gate = re.search(r"top-1 agreement with the fp32 network ([\d.]+)%", printed).group(1)
     assert int8[3] == gate and fp32[3] == "100.00"  # the same file on the same tiles as the gate
+    assert f"on the CPU ({evaluate.cpu_features()}), taking turns" in printed  # int8 speed depends on it
     ov = pytest.importorskip("openvino")
     model = ov.Core().compile_model(str(path), "CPU")  # the int8 file as it is: OpenVINO's int8 kernels
     student, test = steady_model, _test_tiles(steady_model)
