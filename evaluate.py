@@ -1979,11 +1979,11 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray):
     return proto
 
 
-def cpu_features() -> str:
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's name and the instruction sets int8 speed depends on (and, without VNNI, int8
-    arithmetic: INT8_SETTINGS), from /proc/cpuinfo; "not known" where there is none."""
+    arithmetic: INT8_SETTINGS), from Linux's cpuinfo; "not known" where there is none."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        info = cpuinfo.read_text()
     except OSError:
         return "not known"
     name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)

@@ -1597,6 +1597,20 @@ def test_int8_kernels_compute_what_the_file_says_on_this_cpu(int8, steady_model)
     assert 10 * np.log10((graph ** 2).sum() / ((kernels - graph) ** 2).sum()) > 20
 
 
+def test_cpu_features_name_vnni_or_its_absence(tmp_path):
+    """The benchmark's CPU line: the instruction sets int8 speed and, without VNNI, int8 arithmetic
+    depend on (INT8_SETTINGS), read from cpuinfo as x86 Linux writes it."""
+    info = tmp_path / "cpuinfo"
+    for flags, expected in (("fpu sse avx avx2 fma", "AMD EPYC: avx2, no VNNI"),
+                            ("avx2 avx512f avx512_vnni avx512_bf16", "AMD EPYC: avx2, avx512f, avx512_vnni, avx512_bf16"),
+                            ("avx2 avx_vnni", "AMD EPYC: avx2, avx_vnni")):
+        info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        assert evaluate.cpu_features(info) == expected
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # aarch64: no x86 flags to name
+    assert evaluate.cpu_features(info) == "CPU"
+    assert evaluate.cpu_features(tmp_path / "gone") == "not known"
+
+
 def test_int8_calibration_is_training_tiles_never_test_tiles(int8, steady_model):
     import onnxruntime as ort
     data = mpkd.load_dataset(steady_model.parent / "d", 32, "tile", 0, 0.2, 0.2)
@@ -1647,8 +1661,12 @@ def test_int8_gate_refuses_a_file_that_disagrees_and_writes_nothing(steady_model
     tiles: every range comes from one colour, the file keeps few classes, and the gate refuses it."""
     pytest.importorskip("onnxruntime")
     training = evaluate.calibration_tiles
-    monkeypatch.setattr(evaluate, "calibration_tiles",
-                        lambda data, size: (np.full_like(training(data, size)[0], 128), training(data, size)[1]))
+
+    def grey(data, size):
+        tiles, calibrated = training(data, size)
+        return np.full_like(tiles, 128), calibrated
+
+    monkeypatch.setattr(evaluate, "calibration_tiles", grey)
     out = tmp_path / "s.int8.onnx"
     with pytest.raises(mpkd.UserError) as err:
         evaluate.main(evaluate.get_args([str(steady_model), "--device", "cpu", "--export", str(out), "--int8"]))
