@@ -3,7 +3,8 @@ X.int8.onnx --int8` measures before it writes (or refuses) the file: top-1 agree
 network and both accuracies on the checkpoint's test tiles, the largest probability difference,
 the fp32 network's own agreement when pixels move by one grey level, and the int8 file's size;
 also the same file's agreement computed operator by operator in float (graph optimisation off:
-no fused int8 kernels), which tells the 8-bit arithmetic apart from the kernels that run it;
+no fused int8 kernels), which tells the 8-bit arithmetic apart from the kernels that run it; and
+the fp32 file's agreement in OpenVINO at its default precision (bf16 on CPUs that have it; named);
 with --external DIR also the top-1 agreement on another lab's tiles (every image under DIR, resized
 whole to the network's input), unseen in training and calibration. Nothing is written.
 With --speed instead: the sizes of MixNet-S and MixNet-L files at 112 px and the int8 benchmark
@@ -48,6 +49,11 @@ def measure(path: str, external: str | None) -> dict:
                                     == fp32["expected"].argmax(1)).mean())
     row["passes"] = (row["agreement"] >= evaluate.INT8_AGREEMENT
                      and abs(row["accuracy_int8"] - row["accuracy_fp32"]) <= evaluate.INT8_ACCURACY_POINTS)
+    bf16 = {k: m for k, m in evaluate.openvino_models({"fp32": fp32["blob"]}).items() if "default" in k}
+    for name, compiled in bf16.items():  # {} without OpenVINO
+        test = evaluate.tiles_nhwc(part["images"])
+        got = np.concatenate([compiled(test[i:i + 64])[compiled.output("probabilities")] for i in range(0, len(test), 64)])
+        row["openvino"] = f"{100 * (got.argmax(1) == fp32['expected'].argmax(1)).mean():.2f}% ({name.split('(')[1][:-1]})"
     if external:
         files = mpkd.list_images(Path(external))
         tiles = evaluate.tiles_nhwc(mpkd.load_images(external, files, size))
@@ -94,15 +100,15 @@ def main() -> None:
         return
     print(f"CPU: {evaluate.cpu_features()}\n")
     print("| checkpoint | method | test tiles | fp32 accuracy (95% Wilson interval) | int8 accuracy (interval) | top-1 agreement | the file "
-          "in float: agreement | largest difference | fp32 under one grey level | another lab's tiles, same class | int8 MB | gate |")
-    print("| --- " * 12 + "|")
+          "in float: agreement | the fp32 file in OpenVINO, default precision: agreement | largest difference | fp32 under one grey level | another lab's tiles, same class | int8 MB | gate |")
+    print("| --- " * 13 + "|")
     for path in args.checkpoints:
         r = measure(path, args.external)
         ci = {k: "{:.1f}-{:.1f}".format(*evaluate.wilson_interval(round(r[k] * r["tiles"] / 100), r["tiles"]))
               for k in ("accuracy_fp32", "accuracy_int8")}
         print(f"| {path} | {r['method']} | {r['tiles']} | {r['accuracy_fp32']:.2f}% ({ci['accuracy_fp32']}) | "
               f"{r['accuracy_int8']:.2f}% ({ci['accuracy_int8']}) | "
-              f"{100 * r['agreement']:.2f}% | {100 * r['graph_agreement']:.2f}% | {r['max_abs_diff']:.3f} | {100 * r['fp32_one_grey_level']:.2f}% | "
+              f"{100 * r['agreement']:.2f}% | {100 * r['graph_agreement']:.2f}% | {r.get('openvino', '-')} | {r['max_abs_diff']:.3f} | {100 * r['fp32_one_grey_level']:.2f}% | "
               f"{r.get('external', '-')} | {r['bytes'] / 1e6:.2f} | {'written' if r['passes'] else 'refused'} |",
               flush=True)
 
