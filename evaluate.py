@@ -2107,6 +2107,16 @@ def openvino_models(blobs: dict[str, bytes]) -> dict:
     return models
 
 
+def runtime_probabilities(model, tiles: np.ndarray) -> np.ndarray:
+    """Probabilities (N, C) of uint8 (N, S, S, 3) tiles from an ONNX Runtime session or an OpenVINO
+    compiled model, 64 tiles at a time."""
+    if hasattr(model, "run"):
+        run = lambda chunk: model.run(["probabilities"], {"images": chunk})[0]
+    else:
+        run = lambda chunk: model(chunk)[model.output("probabilities")]
+    return np.concatenate([run(tiles[i:i + 64]) for i in range(0, len(tiles), 64)])
+
+
 def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
     """--export --int8 --benchmark: batch-1 latency (ms) and images/s at batch 64 of the int8 and
     fp32 files in ONNX Runtime and OpenVINO, in whole blocks taking turns (A B C ... C B A, three
@@ -2114,18 +2124,12 @@ def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
     same random uint8 tiles; and each one's top-1 agreement with the fp32 network on the test tiles."""
     runs = {"ONNX Runtime fp32 file": exported["fp32"]["session"], "ONNX Runtime int8 file": exported["session"]}
     runs |= openvino_models({"fp32": exported["fp32"]["blob"], "int8": exported["blob"]})
-
-    def call(model, tiles):
-        if hasattr(model, "run"):
-            return model.run(["probabilities"], {"images": tiles})[0]
-        return model(tiles)[model.output("probabilities")]
-
     test, reference = tiles_nhwc(part["images"]), exported["fp32"]["expected"]
-    out = {name: {"agreement": float((np.concatenate([call(m, test[i:i + 64]) for i in range(0, len(test), 64)]).argmax(1)
-                                      == reference.argmax(1)).mean())} for name, m in runs.items()}
+    out = {name: {"agreement": float((runtime_probabilities(m, test).argmax(1) == reference.argmax(1)).mean())}
+           for name, m in runs.items()}
     for n, key in ((1, "latency_ms"), (64, "throughput")):
         tiles = np.random.default_rng(0).integers(0, 256, (n, exported["size"], exported["size"], 3), dtype=np.uint8)
-        calls = {name: lambda m=m: call(m, tiles) for name, m in runs.items()}
+        calls = {name: lambda m=m: runtime_probabilities(m, tiles) for name, m in runs.items()}
         for name, seconds in blocks_taking_turns(calls, n, repeats, rounds=3).items():
             out[name][key] = float(1000 * seconds if n == 1 else n / seconds)
     return out

@@ -35,25 +35,23 @@ def measure(path: str, external: str | None) -> dict:
     ckpt = evaluate.load_checkpoint(path)
     data, part = evaluate.test_part(ckpt, path, args, torch.device("cpu"), {})
     fp32 = evaluate.checked_onnx(ckpt, path, mpkd.load_model(ckpt, path).eval(), part)
-    size = fp32["size"]
+    size, test = fp32["size"], evaluate.tiles_nhwc(part["images"])
     calibration, _ = evaluate.calibration_tiles(data, size)
     blob = evaluate.quantise(evaluate.int8_network(fp32["wrapper"].model, size), size, calibration).SerializeToString()
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     row = {"checkpoint": path, "method": ckpt["method"], "bytes": len(blob), "fp32_bytes": fp32["bytes"],
-           **evaluate.int8_figures(session, fp32["wrapper"], fp32["expected"], part["labels"].numpy(),
-                                   evaluate.tiles_nhwc(part["images"]))}
+           **evaluate.int8_figures(session, fp32["wrapper"], fp32["expected"], part["labels"].numpy(), test)}
     options = ort.SessionOptions()  # the same file, each operator computed in float: what it specifies
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     graph = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-    row["graph_agreement"] = float((evaluate.session_probabilities(graph, evaluate.tiles_nhwc(part["images"])).argmax(1)
+    row["graph_agreement"] = float((evaluate.session_probabilities(graph, test).argmax(1)
                                     == fp32["expected"].argmax(1)).mean())
     row["passes"] = (row["agreement"] >= evaluate.INT8_AGREEMENT
                      and abs(row["accuracy_int8"] - row["accuracy_fp32"]) <= evaluate.INT8_ACCURACY_POINTS)
-    bf16 = {k: m for k, m in evaluate.openvino_models({"fp32": fp32["blob"]}).items() if "default" in k}
-    for name, compiled in bf16.items():  # {} without OpenVINO
-        test = evaluate.tiles_nhwc(part["images"])
-        got = np.concatenate([compiled(test[i:i + 64])[compiled.output("probabilities")] for i in range(0, len(test), 64)])
-        row["openvino"] = f"{100 * (got.argmax(1) == fp32['expected'].argmax(1)).mean():.2f}% ({name.split('(')[1][:-1]})"
+    for name, compiled in evaluate.openvino_models({"fp32": fp32["blob"]}).items():  # {} without OpenVINO
+        if "default precision" in name:  # named "... default precision (bf16)": the precision it chose
+            got = evaluate.runtime_probabilities(compiled, test).argmax(1)
+            row["openvino"] = f"{100 * (got == fp32['expected'].argmax(1)).mean():.2f}% {name[name.index('('):]}"
     if external:
         files = mpkd.list_images(Path(external))
         tiles = evaluate.tiles_nhwc(mpkd.load_images(external, files, size))
