@@ -1949,6 +1949,67 @@ def compact_weights(proto) -> None:
     proto.graph.node.extend(nodes)
 
 
+DEPTHWISE_CHANNELS = 16  # ONNX Runtime's int8 depthwise kernel ran 3x slower on other counts (docs/deploy.md)
+
+
+def pad_depthwise(proto, multiple: int = DEPTHWISE_CHANNELS) -> None:
+    """Give every int8 depthwise convolution larger than 3x3 whose channel count is not a multiple
+    of `multiple` (MixNet-S: the two 9x9 over 360 channels) channels of zeros up to one: its uint8
+    input padded with its zero point (a real zero), zero weights and bias, its quantised output
+    sliced back. The other channels' integer sums, scales and roundings are untouched, so every
+    output of the file stays the same; only ONNX Runtime's kernel runs faster. At 3x3 the Pad and
+    Slice cost what the kernel saves."""
+    from onnx import helper, numpy_helper
+    made = {o: n for n in proto.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    tensors = {t.name: t for t in proto.graph.initializer}
+    array = lambda name: numpy_helper.to_array(tensors[name])
+    before, after, stale = {}, {}, set()
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv" and len(n.input) == 3):
+        group = next((a for a in conv.attribute if a.name == "group"), None)
+        kernel = next((max(a.ints) for a in conv.attribute if a.name == "kernel_shape"), 1)
+        x, w, b = (made.get(name) for name in conv.input)
+        out = readers.get(conv.output[0], [])
+        if (group is None or group.i == 1 or group.i % multiple == 0 or kernel <= 3
+                or len(out) != 1 or out[0].op_type != "QuantizeLinear"
+                or any(d is None or d.op_type != "DequantizeLinear" for d in (x, w, b))
+                or len(x.input) != 3 or len(readers[x.output[0]]) != 1
+                or not all(name in tensors for name in [*w.input, *b.input])):
+            continue
+        channels, extra = group.i, -group.i % multiple
+        for dq, fill in ((w, (0, 1, 0)), (b, (0, None, 0))):  # values, scales, zero points
+            for name, value in zip(dq.input, fill):
+                a = array(name)
+                if value is None:  # a bias's scale: the input's scale times the weight's (1)
+                    value = float(array(x.input[1]))
+                pad = np.full((extra, *a.shape[1:]), value, a.dtype)
+                tensors[name].CopyFrom(numpy_helper.from_array(np.concatenate([a, pad]), name))
+        padded, pads = x.input[0] + "_channels", x.input[0] + "_channel_pads"
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), pads))
+        before[x.name] = helper.make_node("Pad", [x.input[0], pads, x.input[2]], [padded], name=x.name + "_channels")
+        x.input[0] = padded
+        group.i = channels + extra
+        quantised = out[0].output[0]
+        out[0].output[0] = quantised + "_channels"
+        limits = [quantised + "_channel_" + k for k in ("starts", "ends", "axes")]
+        for name, value in zip(limits, (0, channels, 1)):
+            proto.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+        after[out[0].name] = helper.make_node("Slice", [out[0].output[0], *limits], [quantised],
+                                              name=out[0].name + "_channels")
+        stale |= {x.output[0], conv.output[0]}  # their recorded shapes no longer hold
+    nodes = []
+    for node in proto.graph.node:
+        nodes += [n for n in (before.get(node.name), node, after.get(node.name)) if n is not None]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    kept = [v for v in proto.graph.value_info if v.name not in stale]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+
+
 def import_quantisation():
     """onnxruntime.quantization, or the one-line error of import_onnx."""
     import_onnx()
@@ -2004,6 +2065,7 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray):
                 reduce_range=True, calibrate_method=quantization.CalibrationMethod.Percentile,
                 nodes_to_exclude=floats)
         proto = onnx.load(out)
+    pad_depthwise(proto)
     compact_weights(proto)
     return proto
 

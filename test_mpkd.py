@@ -1651,9 +1651,10 @@ def test_int8_calibration_is_training_tiles_never_test_tiles(int8, steady_model)
     assert hashlib.sha256(test_tiles.tobytes()).hexdigest()[:16] != recorded["pixels_sha256"]
 
 
-def test_int8_network_and_compaction_change_nothing_but_rounding(map_model):
+def test_int8_network_compaction_and_padding_change_nothing_but_rounding(map_model):
     """The int8 file's float network (stem reading raw pixels) equals the checkpoint's; leaving the
-    merged convolutions' zeros out of the file changes not one output."""
+    merged convolutions' zeros out of the file, and padding the 9x9 depthwise convolutions over 360
+    channels to 368, change not one output."""
     import onnxruntime as ort
     for name in ("mixnet_s", "mixnet_l"):
         torch.manual_seed(0)
@@ -1670,16 +1671,28 @@ def test_int8_network_and_compaction_change_nothing_but_rounding(map_model):
     network = evaluate.int8_network(mpkd.load_model(ckpt, map_model).eval(), 32)
     tiles = evaluate.tiles_nhwc(_test_tiles(map_model)["images"])
     compact = evaluate.quantise(network, 32, tiles)
-    compaction, evaluate.compact_weights = evaluate.compact_weights, lambda proto: None
-    try:
-        whole = evaluate.quantise(network, 32, tiles)
-    finally:
-        evaluate.compact_weights = compaction
+    made = {}
+    for step in ("compact_weights", "pad_depthwise"):
+        kept = getattr(evaluate, step)
+        setattr(evaluate, step, lambda proto, *rest: None)
+        try:
+            made[step] = evaluate.quantise(network, 32, tiles)
+        finally:
+            setattr(evaluate, step, kept)
+    whole, unpadded = made["compact_weights"], made["pad_depthwise"]
     outputs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": tiles})
-               for p in (compact, whole)]
-    assert all((a == b).all() for a, b in zip(*outputs))
+               for p in (compact, whole, unpadded)]
+    assert all((a == b).all() and (a == c).all() for a, b, c in zip(*outputs))
     assert compact.ByteSize() < whole.ByteSize() - 100_000  # MixNet-S's zeros: 0.66 million int8 weights
     assert {"Pad", "Concat"} <= {n.op_type for n in compact.graph.node}
+
+    def depthwise(proto):  # (channels, kernel) of each depthwise convolution
+        attributes = ({a.name: a for a in n.attribute} for n in proto.graph.node if n.op_type == "Conv")
+        return sorted((a["group"].i, max(a["kernel_shape"].ints)) for a in attributes if "group" in a and a["group"].i > 1)
+    assert depthwise(unpadded).count((360, 9)) == 2 and (368, 9) not in depthwise(unpadded)
+    assert depthwise(compact) == sorted((c + (-c % 16) * (k > 3), k) for c, k in depthwise(unpadded))
+    assert (72, 3) in depthwise(compact)  # at 3x3 the Pad and Slice would cost what they save
+    assert [n.op_type for n in compact.graph.node].count("Slice") == 2
 
 
 def test_int8_gate_refuses_a_file_that_disagrees_and_writes_nothing(steady_model, tmp_path, monkeypatch):
