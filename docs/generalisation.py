@@ -12,7 +12,6 @@ command line would; a model already trained is kept (delete generalisation/ to s
 """
 
 import contextlib
-import io
 import json
 import sys
 from pathlib import Path
