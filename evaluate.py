@@ -1950,64 +1950,121 @@ def compact_weights(proto) -> None:
 
 
 DEPTHWISE_CHANNELS = 16  # ONNX Runtime's int8 depthwise kernel ran 3x slower on other counts (docs/deploy.md)
+CHANNELWISE = ("QuantizeLinear", "DequantizeLinear", "Sigmoid", "Mul", "Relu", "GlobalAveragePool")
+
+
+def _channel_closure(dw, made: dict, readers: dict, tensors: dict, outputs: set):
+    """The tensors that share a depthwise convolution's channels (through its block's quantisation,
+    Swish, ReLU, squeeze-excite pool and gate, and other depthwise convolutions) and the convolutions
+    at their edges: (tensors, depthwise, writers: the convolutions that make them, readers: those that
+    read them), or None where anything else (a graph input or output, a constant, an Add, a Concat,
+    a per-channel activation scale) touches them."""
+    seen, depthwise, writers, ends = set(), {dw.name: dw}, {}, {}
+    todo = [dw.input[0]]
+    is_depthwise = lambda node: any(a.name == "group" and a.i > 1 for a in node.attribute)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = made.get(name)
+        if name in outputs or name in tensors or node is None:
+            return None
+        if node.op_type == "Conv" and is_depthwise(node):
+            depthwise[node.name] = node
+            todo.append(node.input[0])
+        elif node.op_type == "Conv":
+            writers[node.name] = node
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if tensors.get(node.input[1]) is None or np.prod(tensors[node.input[1]].dims) != 1:
+                return None
+            todo.append(node.input[0])
+        elif node.op_type in CHANNELWISE:
+            todo += list(node.input)
+        else:
+            return None
+        for reader in readers.get(name, []):
+            if reader.op_type == "Conv" and reader.input[0] != name:
+                return None
+            if reader.op_type == "Conv" and not is_depthwise(reader):
+                ends[reader.name] = reader
+            elif reader.op_type in CHANNELWISE or reader.op_type == "Conv":
+                if reader.op_type == "Conv":
+                    depthwise[reader.name] = reader
+                todo += list(reader.output)
+            else:
+                return None
+    return seen, depthwise, writers, ends
 
 
 def pad_depthwise(proto, multiple: int = DEPTHWISE_CHANNELS) -> None:
-    """Give every int8 depthwise convolution larger than 3x3 whose channel count is not a multiple
-    of `multiple` (MixNet-S: the two 9x9 over 360 channels) channels of zeros up to one: its uint8
-    input padded with its zero point (a real zero), zero weights and bias, its quantised output
-    sliced back. The other channels' integer sums, scales and roundings are untouched, so every
-    output of the file stays the same; only ONNX Runtime's kernel runs faster. At 3x3 the Pad and
-    Slice cost what the kernel saves."""
-    from onnx import helper, numpy_helper
-    made = {o: n for n in proto.graph.node for o in n.output}
+    """Give every int8 depthwise convolution whose channel count is not a multiple of `multiple`
+    (MixNet-S: 72 and 360) channels of zeros up to one, and with it the whole block those channels
+    run through (_channel_closure): the convolution that makes them gets output channels of zero
+    weights and bias, the depthwise ones zero kernels, the one that reads them zero input weights.
+    The new channels hold a real zero everywhere (the activations' zero point; Swish and ReLU keep
+    0, the gate multiplies it), the other channels' integer sums, scales and roundings are untouched,
+    so every output of the file stays the same; only ONNX Runtime's depthwise kernel runs faster."""
+    from onnx import numpy_helper
+    graph = proto.graph
+    made = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
-    for node in proto.graph.node:
+    for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    tensors = {t.name: t for t in proto.graph.initializer}
-    array = lambda name: numpy_helper.to_array(tensors[name])
-    before, after, stale = {}, {}, set()
-    for conv in (n for n in proto.graph.node if n.op_type == "Conv" and len(n.input) == 3):
-        group = next((a for a in conv.attribute if a.name == "group"), None)
-        kernel = next((max(a.ints) for a in conv.attribute if a.name == "kernel_shape"), 1)
-        x, w, b = (made.get(name) for name in conv.input)
-        out = readers.get(conv.output[0], [])
-        if (group is None or group.i == 1 or group.i % multiple == 0 or kernel <= 3
-                or len(out) != 1 or out[0].op_type != "QuantizeLinear"
-                or any(d is None or d.op_type != "DequantizeLinear" for d in (x, w, b))
-                or len(x.input) != 3 or len(readers[x.output[0]]) != 1
-                or not all(name in tensors for name in [*w.input, *b.input])):
+    tensors = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    group = lambda node: next((a for a in node.attribute if a.name == "group"), None)
+
+    def constants(conv):  # the initializers behind a convolution's weight and bias DequantizeLinear
+        found = []
+        for name in conv.input[1:]:
+            dq = made.get(name)
+            if (dq is None or dq.op_type != "DequantizeLinear" or len(readers[name]) != 1
+                    or not all(n in tensors and len(readers[n]) == 1 for n in dq.input)):
+                return None
+            found.append(dq)
+        return found
+
+    def grow(name, axis, extra, value):
+        a = numpy_helper.to_array(tensors[name])
+        if a.ndim > axis:  # per-channel (or a weight); a single per-tensor scale stays as it is
+            shape = list(a.shape)
+            shape[axis] = extra
+            tensors[name].CopyFrom(numpy_helper.from_array(np.concatenate([a, np.full(shape, value, a.dtype)], axis), name))
+
+    stale, visited = set(), set()
+    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+        g = group(conv)
+        if conv.name in visited or g is None or g.i == 1 or g.i % multiple == 0:
             continue
-        channels, extra = group.i, -group.i % multiple
-        for dq, fill in ((w, (0, 1, 0)), (b, (0, None, 0))):  # values, scales, zero points
-            for name, value in zip(dq.input, fill):
-                a = array(name)
-                if value is None:  # a bias's scale: the input's scale times the weight's (1)
-                    value = float(array(x.input[1]))
-                pad = np.full((extra, *a.shape[1:]), value, a.dtype)
-                tensors[name].CopyFrom(numpy_helper.from_array(np.concatenate([a, pad]), name))
-        padded, pads = x.input[0] + "_channels", x.input[0] + "_channel_pads"
-        proto.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), pads))
-        before[x.name] = helper.make_node("Pad", [x.input[0], pads, x.input[2]], [padded], name=x.name + "_channels")
-        x.input[0] = padded
-        group.i = channels + extra
-        quantised = out[0].output[0]
-        out[0].output[0] = quantised + "_channels"
-        limits = [quantised + "_channel_" + k for k in ("starts", "ends", "axes")]
-        for name, value in zip(limits, (0, channels, 1)):
-            proto.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-        after[out[0].name] = helper.make_node("Slice", [out[0].output[0], *limits], [quantised],
-                                              name=out[0].name + "_channels")
-        stale |= {x.output[0], conv.output[0]}  # their recorded shapes no longer hold
-    nodes = []
-    for node in proto.graph.node:
-        nodes += [n for n in (before.get(node.name), node, after.get(node.name)) if n is not None]
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    kept = [v for v in proto.graph.value_info if v.name not in stale]
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(kept)
+        closure = _channel_closure(conv, made, readers, tensors, outputs)
+        if closure is None:
+            continue
+        names, depthwise, writers, ends = closure
+        visited |= set(depthwise)
+        channels = g.i
+        extra = -channels % multiple
+        makers = [*depthwise.values(), *writers.values()]
+        found = {c.name: constants(c) for c in [*makers, *ends.values()]}
+        if (any(f is None for f in found.values()) or any(group(c).i != channels for c in depthwise.values())
+                or any(group(c) is not None and group(c).i != 1 for c in [*writers.values(), *ends.values()])):
+            continue
+        for conv_ in ends.values():  # reads the channels: zero input weights
+            grow(found[conv_.name][0].input[0], 1, extra, 0)
+        for conv_ in makers:  # makes them: zero weights (scale 1, zero point 0) and bias
+            weight, *bias = found[conv_.name]
+            for name, value in zip(weight.input, (0, 1, 0)):
+                grow(name, 0, extra, value)
+            x_scale = float(numpy_helper.to_array(tensors[made[conv_.input[0]].input[1]]))
+            for name, value in zip(bias[0].input if bias else [], (0, x_scale, 0)):  # at the weight's scale times the input's
+                grow(name, 0, extra, value)
+            if conv_.name in depthwise:
+                group(conv_).i = channels + extra
+        stale |= names
+    kept = [v for v in graph.value_info if v.name not in stale]  # their recorded shapes no longer hold
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def import_quantisation():
