@@ -2015,6 +2015,8 @@ def pad_depthwise(proto, multiple: int = DEPTHWISE_CHANNELS) -> None:
     tensors = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     group = lambda node: next((a for a in node.attribute if a.name == "group"), None)
+    widths = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in graph.value_info  # 0: not known
+              if len(v.type.tensor_type.shape.dim) > 1}
 
     def constants(conv):  # the initializers behind a convolution's weight and bias DequantizeLinear
         found = []
@@ -2048,6 +2050,8 @@ def pad_depthwise(proto, multiple: int = DEPTHWISE_CHANNELS) -> None:
         makers = [*depthwise.values(), *writers.values()]
         found = {c.name: constants(c) for c in [*makers, *ends.values()]}
         if (any(f is None for f in found.values()) or any(group(c).i != channels for c in depthwise.values())
+                or any(getattr(made.get(c.input[0]), "op_type", None) != "DequantizeLinear" for c in makers)
+                or any(widths.get(name, 0) not in (0, channels) for name in names)  # a gate over space, say
                 or any(group(c) is not None and group(c).i != 1 for c in [*writers.values(), *ends.values()])):
             continue
         for conv_ in ends.values():  # reads the channels: zero input weights
