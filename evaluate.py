@@ -1956,7 +1956,7 @@ CHANNELWISE = ("QuantizeLinear", "DequantizeLinear", "Sigmoid", "Mul", "Relu", "
 def _channel_closure(dw, made: dict, readers: dict, tensors: dict, outputs: set):
     """The tensors that share a depthwise convolution's channels (through its block's quantisation,
     Swish, ReLU, squeeze-excite pool and gate, and other depthwise convolutions) and the convolutions
-    at their edges: (tensors, depthwise, writers: the convolutions that make them, readers: those that
+    at their edges: (tensors, depthwise, writers: the convolutions that make them, ends: those that
     read them), or None where anything else (a graph input or output, a constant, an Add, a Concat,
     a per-channel activation scale) touches them."""
     seen, depthwise, writers, ends = set(), {dw.name: dw}, {}, {}
@@ -1968,7 +1968,7 @@ def _channel_closure(dw, made: dict, readers: dict, tensors: dict, outputs: set)
             continue
         seen.add(name)
         node = made.get(name)
-        if name in outputs or name in tensors or node is None:
+        if name in outputs or node is None:  # a graph input or a constant
             return None
         if node.op_type == "Conv" and is_depthwise(node):
             depthwise[node.name] = node

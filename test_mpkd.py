@@ -1691,7 +1691,77 @@ def test_int8_network_compaction_and_padding_change_nothing_but_rounding(map_mod
         return sorted((a["group"].i, max(a["kernel_shape"].ints)) for a in attributes if "group" in a and a["group"].i > 1)
     assert depthwise(unpadded).count((360, 9)) == 2 and (72, 3) in depthwise(unpadded)
     assert depthwise(compact) == sorted((c + -c % 16, k) for c, k in depthwise(unpadded))
-    assert "Slice" not in {n.op_type for n in compact.graph.node}  # whole blocks grow: nothing to cut back
+
+
+def _int8_block(channels: int, gate=None):
+    """A hand-made QDQ graph of one inverted-residual block on uint8 (1, 8, 5, 5) inputs: 1x1
+    convolution to `channels`, 3x3 depthwise, 1x1 back to 8, each output quantised; with `gate`
+    (an array) its depthwise output multiplied by that constant first."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def constant(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def dq(x, name):
+        nodes.append(helper.make_node("DequantizeLinear", [x, constant(name + "_s", np.float32(0.05)),
+                                                          constant(name + "_z", np.uint8(128))], [name]))
+        return name
+
+    def q(x, name):
+        nodes.append(helper.make_node("QuantizeLinear", [x, name + "_s", name + "_z"], [name + "_q"]))
+        return name + "_q"
+
+    def conv(x, name, shape, group=1):
+        w = constant(name + "_w", rng.integers(-64, 65, shape).astype(np.int8))
+        scale = constant(name + "_ws", np.full(shape[0], 0.01, np.float32))
+        zero = constant(name + "_wz", np.zeros(shape[0], np.int8))
+        b = constant(name + "_b", rng.integers(-500, 500, shape[0]).astype(np.int32))
+        bscale = constant(name + "_bs", np.full(shape[0], 0.0005, np.float32))
+        bzero = constant(name + "_bz", np.zeros(shape[0], np.int32))
+        nodes.extend([helper.make_node("DequantizeLinear", [w, scale, zero], [w + "_f"], axis=0),
+                      helper.make_node("DequantizeLinear", [b, bscale, bzero], [b + "_f"], axis=0),
+                      helper.make_node("Conv", [x, w + "_f", b + "_f"], [name], group=group,
+                                       pads=[shape[-1] // 2] * 4, name=name)])
+        constant(name + "_s", np.float32(0.05)), constant(name + "_z", np.uint8(128))
+        return q(name, name)
+
+    x = conv(dq("images", "x"), "expand", (channels, 8, 1, 1))
+    x = conv(dq(x, "x1"), "depthwise", (channels, 1, 3, 3), group=channels)
+    if gate is not None:
+        nodes.append(helper.make_node("Mul", [dq(x, "x2"), constant("gate", gate)], ["gated"]))
+        constant("gated_s", np.float32(0.05)), constant("gated_z", np.uint8(128))
+        x = q("gated", "gated")
+    y = conv(dq(x, "x3"), "project", (8, channels, 1, 1))
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 8, 5, 5])],
+                              [helper.make_tensor_value_info(y, TensorProto.UINT8, [1, 8, 5, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_depthwise_padding_grows_a_whole_block_and_leaves_one_it_cannot_follow():
+    """pad_depthwise on a block of 24 channels: every convolution grows to 32 (the first's outputs,
+    the depthwise kernels, the last's inputs, zeros all), the output is the same to the bit; a
+    block whose channels meet a constant (a Mul by one, here) is left exactly as it was."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    images = np.random.default_rng(1).integers(0, 256, (1, 8, 5, 5), dtype=np.uint8)
+    run = lambda proto: ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images})[0]
+    block = _int8_block(24)
+    before = run(block)
+    evaluate.pad_depthwise(block)
+    weights = {t.name: numpy_helper.to_array(t) for t in block.graph.initializer}
+    assert [weights[k].shape for k in ("expand_w", "depthwise_w", "project_w")] == [(32, 8, 1, 1), (32, 1, 3, 3), (8, 32, 1, 1)]
+    assert not weights["expand_w"][24:].any() and not weights["depthwise_w"][24:].any() and not weights["project_w"][:, 24:].any()
+    assert (weights["expand_ws"][24:] == 1).all() and not weights["expand_b"][24:].any()
+    assert next(a.i for n in block.graph.node if n.name == "depthwise" for a in n.attribute if a.name == "group") == 32
+    assert len(np.unique(before)) > 10 and (run(block) == before).all()
+    gated = _int8_block(24, gate=np.ones((1, 24, 1, 1), np.float32))
+    unchanged = gated.SerializeToString()
+    evaluate.pad_depthwise(gated)
+    assert gated.SerializeToString() == unchanged
 
 
 def test_int8_gate_refuses_a_file_that_disagrees_and_writes_nothing(steady_model, tmp_path, monkeypatch):
