@@ -97,21 +97,22 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_teacher(args):
+def read_teacher(path: str, distill_weight: float) -> dict | None:
     """The teacher logits file, read when the run distils or when it is there: it carries the image
     size and split settings, so a student run need not repeat them. None for a student alone
     without one."""
-    if not Path(args.teacher_logits).is_file():
-        if args.distill_weight == 0:
+    if not Path(path).is_file():
+        if distill_weight == 0:
             return None
-        raise mpkd.UserError(f"{args.teacher_logits} does not exist: train_teacher.py writes it (or "
-                             f"pass --teacher-logits PATH; --distill-weight 0 trains the student alone)")
-    return mpkd.load_teacher_logits(args.teacher_logits)
+        raise mpkd.UserError(f"{path} does not exist: train_teacher.py writes it (or pass "
+                             f"--teacher-logits PATH; --distill-weight 0 trains the student alone)")
+    return mpkd.load_file(path, mpkd.LOGITS_FORMAT)
 
 
-def teacher_anchors(args, teacher):
-    """The stored epochs to follow: all (--multipart or --anchors auto, which chooses among them),
-    chosen (--anchors) or the last; the members of --ensemble; [] for the student alone."""
+def teacher_epochs(args, teacher):
+    """The stored teacher epochs the student learns from: the anchors it follows one at a time (all
+    with --multipart or --anchors auto, which chooses among them; those of --anchors; else the
+    last), or the members of --ensemble, all at once; [] for the student alone."""
     if args.distill_weight == 0:
         return []
     stored = list(teacher["logits"])
@@ -119,53 +120,47 @@ def teacher_anchors(args, teacher):
         clash = next((flag for flag, on in (("--multipart", args.multipart), ("--anchors", args.anchors)) if on), None)
         if clash:
             raise mpkd.UserError(f"--ensemble and {clash} are two methods: give one of them")
-        return mpkd.parse_anchors(args.ensemble, stored, "--ensemble")
+        return mpkd.parse_epochs(args.ensemble, stored, "--ensemble")
     if args.anchors == "auto":
-        if "val_logits" not in teacher or not args.val_frac:
-            raise mpkd.UserError(
-                f"--anchors auto measures the student against every stored teacher epoch on the "
-                f"validation images: it needs a validation part (--val-frac > 0) and teacher logits "
-                f"with validation logits (an older {args.teacher_logits} has none: train the teacher again)")
+        if "val_logits" not in teacher:  # the teacher stores them wherever the split has a validation part
+            raise mpkd.UserError("--anchors auto measures the student against every stored teacher epoch on "
+                                 "the validation images: it needs a validation part (--val-frac > 0)")
         return sorted(stored)
     if args.anchors:
-        return mpkd.parse_anchors(args.anchors, stored)
+        return mpkd.parse_epochs(args.anchors, stored)
     if args.multipart and len(stored) == 1:
         warn(f"warning: {args.teacher_logits} holds only teacher epoch {stored[0]}: "
              f"--multipart is vanilla KD with this file")
     return sorted(stored) if args.multipart else [max(stored)]
 
 
-def warn_near_uniform(args, teacher, anchors) -> None:
-    """A warning naming the anchors whose softened targets are near uniform (a teacher trained from
-    scratch, in its first epochs): they teach little, and Multi-Part KD then spends epochs on them."""
-    near = {e: u for e in anchors if (u := mpkd.target_uniformity(teacher["logits"][e], args.temperature))
+def warn_near_uniform(args, teacher, epochs) -> None:
+    """A warning naming the stored epochs whose softened targets are near uniform (a teacher trained
+    from scratch, in its first epochs): they teach little, and Multi-Part KD then spends epochs on them."""
+    near = {e: u for e in epochs if (u := mpkd.target_uniformity(teacher["logits"][e], args.temperature))
             > mpkd.NEAR_UNIFORM}
-    if near and len(near) < len(anchors):
-        kept = ",".join(str(e) for e in anchors if e not in near)
+    if near and len(near) < len(epochs):
+        kept = ",".join(str(e) for e in epochs if e not in near)
         warn(f"warning: at T = {args.temperature:g} the targets of teacher epochs {', '.join(map(str, near))} are "
              f"near uniform (entropy {', '.join(f'{u:.2f}' for u in near.values())} of the maximum): they teach "
              f"little; a teacher trained from scratch? {'--ensemble' if args.ensemble else '--anchors'} {kept} "
              f"leaves them out (docs/own-loop.md)")
 
 
-def route_logits(args, teacher, val, device):
+def route_logits(teacher, val, device):
     """The teacher's validation logits {stored epoch: (N_val, C)} on `device` for the route, or
-    None: no teacher file, no validation part, or a file from before validation logits were stored."""
+    None: no teacher file, or no validation part."""
     if teacher is None or not len(val["labels"]):
-        return None
-    if "val_logits" not in teacher:
-        warn(f"note: {args.teacher_logits} holds no validation logits (an older file): "
-             f"the route is not logged")
         return None
     return {epoch: logits.to(device) for epoch, logits in teacher["val_logits"].items()}
 
 
-def student_hooks(args, anchors, teacher_val):
+def student_hooks(args, epochs, teacher_val):
     """fit()'s after_epoch: the stored epoch followed, the route, and for --anchors auto the choice
     of the next anchor (kept in the resumable state, so a resumed run chooses the same)."""
     auto = args.anchors == "auto"
-    schedule = mpkd.teacher_schedule(args.epochs, anchors) if anchors and not (auto or args.ensemble) else None
-    final_epochs = -(-args.epochs // len(anchors)) if anchors else 0  # the final teacher's equal share
+    schedule = mpkd.teacher_schedule(args.epochs, epochs) if epochs and not (auto or args.ensemble) else None
+    final_epochs = -(-args.epochs // len(epochs)) if epochs else 0  # the final teacher's equal share
 
     def after_epoch(done, model, extra, val_logits):
         record = {}
@@ -176,7 +171,7 @@ def student_hooks(args, anchors, teacher_val):
         if auto and done < args.epochs:
             now = {d["teacher_epoch"]: d["kl"] for d in record["route"]}
             current, reach = extra["auto"]["current"], extra["auto"]["reach"]
-            chosen = mpkd.next_auto_anchor(anchors, current, now, reach, args.auto_threshold,
+            chosen = mpkd.next_auto_anchor(epochs, current, now, reach, args.auto_threshold,
                                            args.epochs - done, final_epochs)
             if chosen != current:
                 why = ("only the final teacher's share of epochs is left" if args.epochs - done <= final_epochs
@@ -190,30 +185,31 @@ def student_hooks(args, anchors, teacher_val):
     return schedule, after_epoch
 
 
-def kd_targets(args, teacher, anchors, schedule, n_train, device):
+def kd_targets(args, teacher, epochs, schedule, n_train, device):
     """fit()'s teacher_logits_for(epoch, extra): the stored logits (N_train, 2, C) of the epoch
     scheduled, or chosen so far by --anchors auto; for --ensemble those of all its members, (N_train,
     2, M, C), in every epoch. None for the student alone."""
-    if not anchors:
+    if not epochs:
         return None
-    stored = {epoch: teacher["logits"][epoch].to(device) for epoch in anchors}  # (N_train, 2, C) each
-    if len(stored[anchors[0]]) != n_train:
-        raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[anchors[0]])} training "
+    stored = {epoch: teacher["logits"][epoch].to(device) for epoch in epochs}  # (N_train, 2, C) each
+    if len(stored[epochs[0]]) != n_train:
+        raise mpkd.UserError(f"{args.teacher_logits} holds {len(stored[epochs[0]])} training "
                              f"images, the split has {n_train}")
     if args.ensemble:
-        members = torch.stack([stored[epoch] for epoch in anchors], 2)
+        members = torch.stack([stored[epoch] for epoch in epochs], 2)
         return lambda epoch, extra: members
     return lambda epoch, extra: stored[schedule[epoch] if schedule else extra["auto"]["current"]]
 
 
 def main(args):
-    config = vars(args)
-    teacher = read_teacher(args)
-    args.data, note = mpkd.resolve_data_folder(args.data, teacher and teacher["args"].get("data"),
-                                               args.teacher_logits)
+    teacher = read_teacher(args.teacher_logits, args.distill_weight)
+    data_dir, note = mpkd.resolve_data_folder(args.data, teacher and teacher["args"].get("data"),
+                                              args.teacher_logits)
     if note:
         print(note)
-    mpkd.resolve_data_settings(config, teacher and teacher["identity"], args.teacher_logits)
+    settings = mpkd.resolve_data_settings(vars(args), data_dir, teacher and teacher["identity"], args.teacher_logits)
+    args = argparse.Namespace(**{**vars(args), "data": data_dir, **settings})
+    config = vars(args)
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
@@ -222,42 +218,41 @@ def main(args):
                              args.val_frac, args.groups,
                              teacher and (teacher["identity"]["classes"], args.teacher_logits))
     state = mpkd.open_state(config, data["identity"])
-    anchors = teacher_anchors(args, teacher)
+    epochs = teacher_epochs(args, teacher)
     if teacher is not None:  # the teacher's data, split and classes, or a refusal naming the difference
         mpkd.check_same_data(teacher["identity"], data["identity"], args.teacher_logits)
-    method = mpkd.kd_method(args.distill_weight, anchors, args.anchors == "auto", bool(args.ensemble))
-    warn_near_uniform(args, teacher, anchors)
+    method = mpkd.kd_method(args.distill_weight, epochs, args.anchors == "auto", bool(args.ensemble))
+    name = mpkd.method_name(method, epochs)
+    warn_near_uniform(args, teacher, epochs)
     mpkd.seed_everything(args.seed)  # before decoding: missing --weights stop the run at once
     model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
                               args.weights if state is None else None)
     model = mpkd.to_device(model, device)
     train, val = mpkd.decode_for_training(data, device, args.batch_size, print, warn)
-    teacher_val = route_logits(args, teacher, val, device)
-    schedule, after_epoch = student_hooks(args, anchors, teacher_val)
-    teacher_logits_for = kd_targets(args, teacher, anchors, schedule, len(train["labels"]), device)
+    teacher_val = route_logits(teacher, val, device)
+    schedule, after_epoch = student_hooks(args, epochs, teacher_val)
+    teacher_logits_for = kd_targets(args, teacher, epochs, schedule, len(train["labels"]), device)
     start = None
     if args.anchors == "auto" and state is None:  # the route's length: untrained student to final teacher
         untrained = mpkd.predict(model, val["images"], precision)
-        reach = mpkd.route(untrained, {anchors[-1]: teacher_val[anchors[-1]]}, args.temperature)[0]["kl"]
-        start = {"auto": {"current": anchors[0], "reach": reach}}
-        print(f"auto anchors: starting from teacher@{anchors[0]}; close means a KL of at most "
-              f"{args.auto_threshold} x {reach:.4f} (the untrained student's KL from teacher@{anchors[-1]})")
+        reach = mpkd.route(untrained, {epochs[-1]: teacher_val[epochs[-1]]}, args.temperature)[0]["kl"]
+        start = {"auto": {"current": epochs[0], "reach": reach}}
+        print(f"auto anchors: starting from teacher@{epochs[0]}; close means a KL of at most "
+              f"{args.auto_threshold} x {reach:.4f} (the untrained student's KL from teacher@{epochs[-1]})")
     followed = f"; teacher epoch followed in each student epoch: {schedule}" if schedule else ""
-    print(f"{method}: {mpkd.network_name(args.model)} ({args.model}), "
+    print(f"{name}: {mpkd.network_name(args.model)} ({args.model}), "
           f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
           f"on {device} in {precision}{followed}")
     run = mpkd.fit(model, train, val, config, data["identity"], state, teacher_logits_for=teacher_logits_for,
                    after_epoch=after_epoch, say=print, extra=start)
-    checkpoint = mpkd.make_checkpoint(model, config, data["identity"], method, run["history"])
-    checkpoint["tile"] = mpkd.tile_record(data, args.mpp)  # the field of view, for tissue maps
-    checkpoint["stain"] = mpkd.stain_record(train["images"])  # the target of evaluate.py --stain-norm
+    checkpoint = mpkd.make_checkpoint(model, config, data, train["images"], method, run["history"])
     if schedule or args.anchors == "auto":  # the stored teacher epoch each student epoch followed
         checkpoint["schedule"] = [r["teacher_epoch"] for r in run["history"]]
     if args.ensemble:
-        checkpoint["ensemble"] = anchors
+        checkpoint["ensemble"] = epochs
     mpkd.save_atomic(checkpoint, args.out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    print(f"wrote {args.out} ({method})" + (f"; teacher epochs followed: {checkpoint['schedule']}"
+    print(f"wrote {args.out} ({name})" + (f"; teacher epochs followed: {checkpoint['schedule']}"
                                            if args.anchors == "auto" else ""))
 
 

@@ -6,16 +6,19 @@ KD term whose target follows the stored teacher logits interval by interval: wit
 and logits stored at teacher epochs 5, 10, ..., 50, student epochs 0-4 learn from the teacher at
 epoch 5, epochs 5-9 from epoch 10, and so on. Vanilla KD uses only the final teacher.
 
-The scripts `train_teacher.py`, `distill.py` and `evaluate.py` are thin argparse wrappers around
-this module; a user who copies one script and this file has everything. Sections, top to bottom:
-the method (KD loss and schedule), models, data, training, checkpoints, the arithmetic of tissue
-maps (windows, pyramid levels, tissue mask, cells), and last the run machinery (settings checks,
-atomic files, resumable state, the teacher logits file).
+Five scripts wrap this module, one job each, and import nothing of each other: `train_teacher.py`
+and `distill.py` train, `evaluate.py` scores checkpoints on labelled tiles (Table II), `predict.py`
+classifies unlabelled pixels (a folder of tiles, large images, whole slides) and `export.py` writes
+the deployable ONNX file. A user who copies one script and this file has everything it needs.
+This module holds the method and what more than one script needs; sections, top to bottom: the
+method (KD loss, schedule, the stored logits), models, data, stain, training, checkpoints, tiles at
+another scale, and last the run machinery (settings checks, atomic files, resumable state).
 """
 
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -45,12 +48,13 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  #
 IGNORED_NAMES = ("__MACOSX",)  # besides every path component that starts with a dot
 SLIDE_PATTERN = re.compile(r"CRC-Prim-HE-\d+")  # Kather 2016 names carry their source slide
 NETWORK_NAMES = {"mixnet_s": "MixNet-S", "mixnet_m": "MixNet-M", "mixnet_l": "MixNet-L"}
-CHECKPOINT_FORMAT = "mpkd-checkpoint/1"  # a checkpoint is a model file and nothing else
+CHECKPOINT_FORMAT = "mpkd-checkpoint/2"  # a checkpoint is a model file and nothing else
 LOGITS_FORMAT = "mpkd-teacher-logits/2"  # the stored teacher logits, keyed by stored epoch
-OLD_LOGITS_FORMAT = "mpkd-teacher-outputs/1"  # the same content under its earlier names; still read
 STATE_FORMAT = "mpkd-state/2"
-METHODS = ("teacher", "student alone", "vanilla KD", "Multi-Part KD",  # Table II's rows, in order,
-           "Multi-Part KD, auto anchors", "snapshot ensemble KD")  # and those of --anchors auto, --ensemble
+ONNX_FORMAT = "mpkd-onnx/1"  # the metadata of export.py's files, which predict.py reads
+METHODS = {"teacher": "teacher", "alone": "student alone", "vanilla": "vanilla KD",  # key: Table II's row,
+           "multipart": "Multi-Part KD", "auto": "Multi-Part KD, auto anchors",  # in Table II's order, and
+           "ensemble": "snapshot ensemble KD"}  # those of --anchors auto and --ensemble
 RESUME_FREE_ARGS = ("resume", "device", "compile")  # may change between a run and its resume
 
 
@@ -71,12 +75,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, distill_weight: float) -> torch.Tensor:
+            temperature: float, distill_weight: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(1 - w) * CE(labels, S) + w * T^2 * KL(P_T || softmax(student / T)); a scalar.
 
     The target P_T is the teacher's softened distribution softmax(teacher / T), teacher logits
     (B, C); or, for teacher logits (B, M, C) of M teachers (a snapshot ensemble), the mean of their
-    M softened distributions. Student logits (B, C), labels (B,). Both terms are batch means (KL
+    M softened distributions, weighted by `weights` (M,) where given (normalised to sum 1; unset:
+    equal). Student logits (B, C), labels (B,). Both terms are batch means (KL
     with reduction="batchmean", computed from log-probabilities with log_target=True, which is
     stable for small probabilities). The paper's eq. (3) softens both networks with temperature T
     and eq. (4) adds lambda * H(T, S) to the cross-entropy; H(T, S) and KL(T || S) differ by the
@@ -95,8 +100,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
         return ce
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teachers = teacher_logits.float() if teacher_logits.dim() == 3 else teacher_logits.float()[:, None]  # (B, M, C)
-    # log of the mean of the M softened distributions, from log-probabilities: log P_T (B, C)
-    log_t = torch.logsumexp(F.log_softmax(teachers / temperature, dim=-1), dim=1) - math.log(teachers.shape[1])
+    log_p = F.log_softmax(teachers / temperature, dim=-1)  # (B, M, C)
+    # log of the (weighted) mean of the M softened distributions, from log-probabilities: log P_T (B, C)
+    if weights is None:
+        log_t = torch.logsumexp(log_p, dim=1) - math.log(teachers.shape[1])
+    else:
+        log_t = torch.logsumexp(log_p + (weights / weights.sum()).log().to(log_p)[:, None], dim=1)
     kl = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
     return (1 - distill_weight) * ce + distill_weight * temperature**2 * kl
 
@@ -139,7 +148,8 @@ def stored_logits(stored: torch.Tensor, index: torch.Tensor, view: torch.Tensor 
     return stored[index] if view is None else stored[index, view]
 
 
-# The rest of the method as this project runs it: anchors chosen or followed, and the route.
+# The rest of the method as this project runs it: anchors chosen or followed, the route, and the
+# key of each method (its Table II row).
 
 
 def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -158,7 +168,7 @@ def target_uniformity(logits: torch.Tensor, temperature: float) -> float:
     return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(p.shape[-1]))
 
 
-def parse_anchors(text: str, stored: list[int], flag: str = "--anchors") -> list[int]:
+def parse_epochs(text: str, stored: list[int], flag: str = "--anchors") -> list[int]:
     """'5,15,30,50' -> [5, 15, 30, 50] ('all': every stored epoch), refusing epochs that the teacher
     logits file does not hold; `flag` names the option in messages."""
     if text == "all":
@@ -217,6 +227,25 @@ def next_auto_anchor(stored: list[int], current: int, distance: dict[int, float]
     return max(candidates, default=current)
 
 
+def kd_method(distill_weight: float, anchors: list[int], auto: bool = False, ensemble: bool = False) -> str:
+    """The METHODS key of a student: alone, vanilla KD (one teacher epoch), Multi-Part KD,
+    Multi-Part KD with anchors it chose itself, or a snapshot ensemble of stored epochs."""
+    if distill_weight == 0:
+        return "alone"
+    if ensemble:
+        return "ensemble"
+    if auto:
+        return "auto"
+    return "multipart" if len(anchors) > 1 else "vanilla"
+
+
+def method_name(key: str, ensemble: list[int] | None = None, stain_augment: float | None = None) -> str:
+    """A method's Table II row for display: its name, an ensemble's epochs, and a mark where the
+    model trained with stain augmentation (so that it is never averaged with the paper's rows)."""
+    epochs = f" (epochs {', '.join(map(str, ensemble))})" if key == "ensemble" else ""
+    return METHODS[key] + epochs + (", stain-augmented" if stain_augment else "")
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 
@@ -225,7 +254,7 @@ def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | P
                  ) -> torch.nn.Module:
     """timm's `name` (mixnet_s, mixnet_l, ...) with a `num_classes` head, starting from ImageNet
     weights if asked: from the file `weights` when given, else from timm's cache or its hub."""
-    import timm  # here, not at the top: at the top `import mpkd` loaded 2,697 modules, now 1,212
+    import timm  # here, where a network is built: `import mpkd` stays light (a test counts its modules)
 
     if not timm.is_model(name):
         raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
@@ -489,9 +518,8 @@ def load_images(root: str | Path, files: list[str], size: int, progress=None) ->
     error that names every bad file, not only the first."""
     images, bad = decode_images(root, files, size, progress)
     if bad:
-        named = "; ".join(f"{Path(root) / f}: {why}" for f, why in list(bad.items())[:10])
-        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise UserError(f"cannot decode image{'s' if len(bad) > 1 else ''} {named}{more}")
+        named = first_few([f"{Path(root) / f}: {why}" for f, why in bad.items()])
+        raise UserError(f"cannot decode image{'s' if len(bad) > 1 else ''} {named}")
     return images
 
 
@@ -551,8 +579,8 @@ def read_groups(path: str | Path, files: list[str]) -> tuple[list[str], list[str
     return [group_of[f] for f in files], [taken], warnings
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """A short hash of a file's bytes."""
+def file_sha256(path: str | Path) -> str:
+    """A file's identity: the first 16 hex digits of the SHA-256 of its bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
@@ -569,7 +597,7 @@ def locate_groups(identity: dict, data_root: str | Path, given: str | Path | Non
     places = [Path(given)] if given is not None else [recorded, Path(data_root) / recorded.name,
                                                       Path(data_root).parent / recorded.name]
     for place in places:
-        if place.is_file() and file_fingerprint(place) == identity["groups_fingerprint"]:
+        if place.is_file() and file_sha256(place) == identity["groups_fingerprint"]:
             return str(place.resolve())
     if given is not None:
         raise UserError(f"--groups {given} is not the groups file the run was made with "
@@ -642,7 +670,7 @@ def split_indices(labels: list[int], test_frac: float, val_frac: float, seed: in
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
 
-def fingerprint(files: list[str], labels: list[int]) -> str:
+def tiles_fingerprint(files: list[str], labels: list[int]) -> str:
     """A short hash of a file list and its labels: tells whether two runs saw the same images."""
     digest = hashlib.sha256()
     for name, label in zip(files, labels):
@@ -677,9 +705,9 @@ def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int
     identity = {  # everything the stored teacher logits and checkpoints must agree on
         "classes": classes, "img_size": img_size, "split_by": split_by, "split_seed": split_seed,
         "test_frac": test_frac, "val_frac": val_frac,
-        "train_fingerprint": fingerprint([files[i] for i in train], [labels[i] for i in train]),
+        "train_fingerprint": tiles_fingerprint([files[i] for i in train], [labels[i] for i in train]),
         "groups_file": str(Path(groups_file).resolve()) if groups_file else None,
-        "groups_fingerprint": file_fingerprint(groups_file) if groups_file else None,
+        "groups_fingerprint": file_sha256(groups_file) if groups_file else None,
     }
     warnings += [f"class {name} has no {part} tile in this split"
                  for c, name in enumerate(classes) for part in ("train", "test")
@@ -702,9 +730,8 @@ def check_images_open(data: dict) -> None:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         bad = [r for r in pool.map(opens, data["files"]) if r is not None]
     if bad:
-        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise UserError(f"{len(bad)} of {len(data['files'])} images under {data['root']} do not open: "
-                        f"{'; '.join(bad[:10])}{more}")
+                        f"{first_few(bad)}")
 
 
 def check_memory(data: dict, parts: tuple[str, ...], device: torch.device) -> None:
@@ -851,13 +878,14 @@ def make_standin(root: str | Path, classes: int = 8, per_class: int = 625, size:
     return root
 
 
-def normalise(images: torch.Tensor, flip: torch.Tensor | None = None,
-              stain: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, HED-jittered where `stain` (B, 2, 3) is given (hed_jitter's
-    scale and shift of each stain), mirrored where `flip` (B,) is true, ImageNet-normalised.
-    Images of another dtype are refused: floats in 0..1 would be read as near-black."""
+def network_input(images: torch.Tensor, flip: torch.Tensor | None = None,
+                  stain: torch.Tensor | None = None) -> torch.Tensor:
+    """What the network is shown of uint8 tiles (B, 3, H, W): float, HED-jittered where `stain`
+    (B, 2, 3) is given (hed_jitter's scale and shift of each stain), mirrored where `flip` (B,) is
+    true, ImageNet-normalised. Images of another dtype are refused: floats in 0..1 would be read as
+    near-black."""
     if images.dtype != torch.uint8:
-        raise TypeError(f"normalise takes uint8 images (B, 3, H, W) in 0..255, not {images.dtype}; "
+        raise TypeError(f"network_input takes uint8 images (B, 3, H, W) in 0..255, not {images.dtype}; "
                         f"for float images in 0..1 use (x * 255).round().to(torch.uint8)")
     x = images.float()
     if stain is not None:
@@ -872,9 +900,10 @@ def normalise(images: torch.Tensor, flip: torch.Tensor | None = None,
 
 # ----------------------------------------------------------------------------------------------
 # Stain: colour deconvolution of H&E (Ruifrok and Johnston 2001), the HED augmentation of training
-# tiles (Tellez et al. 2018, 2019) and Macenko et al.'s (2009) normalisation of another lab's tiles.
-# Both work on optical density, od = -ln((I + 1) / LIGHT) per channel of an intensity I in 0..255,
-# which intensity() inverts exactly: a tile comes back from a round trip within float rounding.
+# tiles (Tellez et al. 2018, 2019) and Macenko et al.'s (2009) normalisation of another lab's tiles
+# (--stain-norm of evaluate.py --external and of predict.py). Both work on optical density,
+# od = -ln((I + 1) / LIGHT) per channel of an intensity I in 0..255, which intensity() inverts
+# exactly: a tile comes back from a round trip within float rounding.
 
 LIGHT = 240.0  # the intensity of glass, as Macenko et al. and torchstain take it
 RUIFROK_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))  # OD (R, G, B) of haematoxylin, eosin, DAB
@@ -1002,9 +1031,56 @@ def macenko_apply(images: torch.Tensor, source: dict, target: dict) -> torch.Ten
     target / source max_conc, mixed with the target stains. uint8 (N, 3, H, W)."""
     od = optical_density(images.permute(0, 2, 3, 1)).double()  # (N, H, W, 3)
     src, tgt = (torch.tensor(s["stains"], dtype=torch.float64) for s in (source, target))
-    ratio = torch.tensor(target["max_conc"], dtype=torch.float64) / torch.tensor(source["max_conc"], dtype=torch.float64)
+    ratio = (torch.tensor(target["max_conc"], dtype=torch.float64)
+             / torch.tensor(source["max_conc"], dtype=torch.float64))
     out = intensity(concentrations(od, src) * ratio @ tgt)
     return out.clamp_(0, 255).round_().to(torch.uint8).permute(0, 3, 1, 2).contiguous()
+
+
+def stain_target(mode: str | None, reference: str | None, recorded: dict | None, model_path) -> dict | None:
+    """The stain --stain-norm `mode` restains to, with where it comes from: the --stain-ref image's
+    (`reference`), else the stain of the model's training tiles (`recorded` at training). None
+    without --stain-norm."""
+    if not mode:
+        return None
+    if reference:
+        try:
+            with Image.open(reference) as img:
+                pixels = torch.from_numpy(np.asarray(img.convert("RGB")).reshape(-1, 3).copy())
+            return {**macenko_fit(pixels), "from": f"--stain-ref {reference}"}
+        except UNREADABLE as err:
+            raise UserError(f"--stain-ref {reference} does not open as an image ({err})") from None
+        except ValueError as err:
+            raise UserError(f"--stain-ref {reference}: {err}; choose an image of stained tissue") from None
+    if not recorded:
+        raise UserError(f"{model_path} records no stain of its training tiles (too pale to estimate): "
+                        f"pass --stain-ref IMAGE, e.g. a training tile")
+    return {**recorded, "from": f"the training tiles of {Path(str(model_path)).name}"}
+
+
+def folder_stain(views: list[torch.Tensor]) -> dict:
+    """The stain of a folder of tiles: the median of its tiles' own estimates (median_stain), from
+    uint8 (N, 3, H, W) views, at most STAIN_TILES of them."""
+    n = sum(len(v) for v in views)
+    try:
+        return median_stain([f for v in views for f in tile_stains(v, max(1, STAIN_TILES * len(v) // n))])
+    except ValueError as err:
+        raise UserError(f"--stain-norm macenko: {err} in this folder; leave --stain-norm out") from None
+
+
+def stain_normalised(groups: list, target: dict, mode: str, source: dict | None = None) -> tuple[list, dict]:
+    """Views grouped by shape (decode_views), restained to `target`: from the stain estimated over
+    all of them, or given as `source` (macenko: one folder, one lab), or per view (macenko-tile);
+    and what was done."""
+    if mode == "macenko" and source is None:
+        source = folder_stain([views for views, _ in groups])
+    out, unchanged = [], 0
+    for views, owner in groups:
+        views, left = normalise_stain(views, source, target)
+        out.append((views, owner))
+        unchanged += left
+    return out, {"stain_target_from": target["from"], "stain_target": target, "stain_source": source,
+                 "stain_unchanged": unchanged}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1048,7 +1124,7 @@ def pick_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively: CUDA compute capability 8.0 and newer (A100, H100,
     RTX 30xx and later). Older GPUs (T4, V100) emulate it slowly; the CPU has it but MixNet's
-    depthwise convolutions run slower in it there (README, Precision)."""
+    depthwise convolutions run slower in it there (docs/performance.md)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -1132,7 +1208,7 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move a model to `device` in channels_last layout: MixNet's depthwise and pointwise convs are
-    faster so on CUDA, and on the CPU too (training steps 1.6x faster, measured, see README)."""
+    faster so on CUDA, and on the CPU too (measured: docs/performance.md)."""
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -1160,7 +1236,7 @@ def predict(model, images: torch.Tensor, precision: str, flip: bool = False) -> 
     for first in range(0, len(images), batch):
         x = images[first:first + batch]
         with autocast(images.device, precision):
-            outs.append(eval_logits(model, channels_last(normalise(x.flip(3) if flip else x))).float())
+            outs.append(eval_logits(model, channels_last(network_input(x.flip(3) if flip else x))).float())
     return torch.cat(outs)
 
 
@@ -1190,7 +1266,7 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
     device, n = images.device, len(labels)
     order = torch.randperm(n, generator=gen).to(device)
     flips = (torch.rand(n, generator=gen) < 0.5).to(device)
-    # drawn only when asked, so that a run without it draws what runs before it existed drew
+    # drawn only when asked: a run without it draws the same numbers as a run of the paper's recipe
     stains = stain_draws(n, stain_augment, gen).to(device) if stain_augment else None  # (N, 2, 3)
     model.train()
     total_loss = torch.zeros((), device=device)
@@ -1208,7 +1284,7 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
             sync(device)
             compile_start = time.perf_counter()
         flip = flips[idx]
-        x = channels_last(normalise(images[idx], flip, None if stains is None else stains[idx]))
+        x = channels_last(network_input(images[idx], flip, None if stains is None else stains[idx]))
         with autocast(device, precision):
             logits = model(x)  # (B, C)
         # the teacher's logits of exactly the view (plain or mirrored) the student sees: (B, C)
@@ -1336,54 +1412,26 @@ def peak_memory(device: torch.device) -> dict:
 def precisions(history: list[dict]) -> str:
     """The precision a run's epochs trained in, for its checkpoint: 'bf16', 'fp32', or both in
     order ('fp32, then bf16') for a run resumed on another device."""
-    seen = list(dict.fromkeys(r.get("precision", "unrecorded") for r in history))
+    seen = list(dict.fromkeys(r["precision"] for r in history))
     return ", then ".join(seen)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: a trained model and everything evaluate.py needs to rebuild and test it
-
-
-def make_checkpoint(model, args: dict, identity: dict, method: str, history: list) -> dict:
-    """Everything evaluate.py needs besides --data, as plain types and tensors (weights_only-safe)."""
-    return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method,
-            "identity": identity, "precision": precisions(history), "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "args": args, "history": history,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
-
-def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
-    """Rebuild the network of a checkpoint and load its weights."""
-    model = build_mixnet(ckpt["model"], len(ckpt["identity"]["classes"]), pretrained=False)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError) as err:
-        first_line = str(err).splitlines()[0]
-        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({first_line})") from None
-    return model
-
-
-def kd_method(distill_weight: float, anchors: list[int], auto: bool = False, ensemble: bool = False) -> str:
-    """Table II's row for a student: alone, vanilla KD (one teacher epoch), Multi-Part KD,
-    Multi-Part KD with anchors it chose itself, or a snapshot ensemble of stored epochs."""
-    if distill_weight == 0:
-        return "student alone"
-    if ensemble:
-        return f"snapshot ensemble KD (epochs {', '.join(map(str, anchors))})"
-    if auto:
-        return "Multi-Part KD, auto anchors"
-    return "Multi-Part KD" if len(anchors) > 1 else "vanilla KD"
-
-
-# ----------------------------------------------------------------------------------------------
-# Tissue maps: a model trained on tiles of a known size in micrometres, applied to a large image or
-# a whole slide window by window. Level-0 pixels are the image's own; the map lives at cell
-# resolution (one cell per stride), never at the image's.
+# Checkpoints: a trained model and everything the other scripts need to rebuild and test it
 
 DEFAULT_MPP = 0.495  # micrometres per pixel of Kather 2016's tiles (20x); NCT-CRC-HE-100K: 0.5
-TISSUE_SATURATION = (15, 38)  # Otsu's threshold on saturation (0-255) is clipped into this range
-MIN_TISSUE = 0.5  # a window is classified when at least this share of its mask pixels is tissue
-MASK_PX = 8  # at least this many mask pixels per window side judge a window's tissue share
+
+
+def make_checkpoint(model, args: dict, data: dict, train_images: torch.Tensor, method: str, history: list) -> dict:
+    """A trained model and everything the other scripts need besides the data folder, as plain types
+    and tensors (weights_only-safe): its METHODS key, the data's identity, the training tiles' field
+    of view (tile_record, for tissue maps and tiles at another scale) and stain (stain_record of
+    the uint8 training images (N, 3, S, S), the target of --stain-norm)."""
+    return {"format": CHECKPOINT_FORMAT, "model": args["model"], "method": method,
+            "identity": data["identity"], "precision": precisions(history), "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "args": args, "history": history, "tile": tile_record(data, args["mpp"]),
+            "stain": stain_record(train_images),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 def tile_record(data: dict, mpp: float, sample: int = 64) -> dict:
@@ -1398,216 +1446,57 @@ def tile_record(data: dict, mpp: float, sample: int = 64) -> dict:
     return {"px": px, "mpp": mpp, "um": px * mpp}
 
 
-def pick_level(downsamples: list[float], image_mpp: float, want_mpp: float) -> int:
-    """The pyramid level to read windows from: the coarsest whose resolution is still at least the
-    one needed (microns per pixel at most `want_mpp`, 1% slack for rounded metadata); level 0 when
-    even it is coarser than needed."""
-    fine_enough = [i for i, d in enumerate(downsamples) if image_mpp * d <= want_mpp * 1.01]
-    return max(fine_enough, key=lambda i: downsamples[i]) if fine_enough else 0
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint (weights_only), or a one-line error naming what the file is instead."""
+    return load_file(path, CHECKPOINT_FORMAT)
 
 
-def window_origins(width: int, height: int, window: int, stride: int) -> np.ndarray:
-    """Level-0 (x, y) of every whole window on a grid of `stride` from (0, 0): (n, 2), row by row.
-    Windows are not shifted to fit the edges (a shifted window would put its classes in the wrong
-    cells); the strip an edge leaves is not classified."""
-    xs, ys = np.arange(0, width - window + 1, stride), np.arange(0, height - window + 1, stride)
-    return np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.int64)
+def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
+    """Rebuild the network of a checkpoint and load its weights."""
+    model = build_mixnet(ckpt["model"], len(ckpt["identity"]["classes"]), pretrained=False)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        first_line = str(err).splitlines()[0]
+        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({first_line})") from None
+    return model
 
 
-def run_region(origins: np.ndarray, downsample: float, read_px: int) -> tuple[tuple[int, int], list[int], int]:
-    """The one region that holds a run of neighbouring windows on a row (their level-0 (x, y)), read
-    from a level of this downsample: its level-0 origin, on a whole pixel of that level (a fraction
-    of one sends OpenSlide down a path that interpolates: each window blurred, the read 2.6x slower),
-    each window's offset in it and its width, both in level pixels. A window lands on the level
-    pixel nearest its own position: within half a level pixel."""
-    level_x = np.rint(origins[:, 0] / downsample).astype(np.int64)
-    first = level_x[0], int(np.rint(origins[0, 1] / downsample))
-    offsets = (level_x - first[0]).tolist()
-    return (round(first[0] * downsample), round(first[1] * downsample)), offsets, offsets[-1] + read_px
-
-
-def cell_grid(width: int, height: int, stride: int) -> tuple[int, int]:
-    """(rows, columns) of the map: one cell per `stride` level-0 pixels, the last one partial."""
-    return -(-height // stride), -(-width // stride)
-
-
-def window_cells(origins: np.ndarray, window: int, stride: int) -> np.ndarray:
-    """For each window, the cells whose centre lies inside it: (n, 4) = row0, row1, col0, col1
-    (end exclusive). With stride = window each window is one cell; with a third, 3 x 3 cells."""
-    first = origins // stride  # the grid starts at 0, so a window starts on a cell edge
-    span = -(-(window - stride // 2) // stride) if window > stride // 2 else 1  # centres inside
-    return np.stack([first[:, 1], first[:, 1] + span, first[:, 0], first[:, 0] + span], 1)
-
-
-def accumulate(sums: np.ndarray, counts: np.ndarray, cells: np.ndarray, probs: np.ndarray) -> None:
-    """Add each window's class probabilities (n, C) to the cells it covers: `sums` (R, K, C) and
-    `counts` (R, K) in place; a cell's probabilities are then sums / counts, the mean over the
-    windows that cover it."""
-    for (r0, r1, c0, c1), p in zip(cells, probs):
-        sums[r0:r1, c0:c1] += p
-        counts[r0:r1, c0:c1] += 1
-
-
-def thumbnail_side(width: int, height: int, window: int) -> int:
-    """The longest side of the thumbnail that the overlay is made from and the tissue mask reduced
-    from: MASK_PX pixels per window, and at least 1024 (the overlay's detail), at most 4096 (its memory)."""
-    return int(np.clip(MASK_PX * max(width, height) / window, 1024, 4096))
-
-
-def otsu_threshold(values: np.ndarray) -> int:
-    """Otsu's threshold of uint8 values: the t that maximises the between-class variance of
-    values <= t and > t."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-    weight = np.cumsum(hist)  # pixels at or below t
-    mass = np.cumsum(hist * np.arange(256))
-    total, total_mass = weight[-1], mass[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (total_mass * weight - total * mass) ** 2 / (weight * (total - weight))
-    return int(np.nanargmax(np.where(np.isfinite(between), between, np.nan))) if total else 0
-
-
-def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation (0-255), (max - min) * 255 // max, of a uint8 RGB image (H, W, 3): glass is
-    white or grey, stained tissue is not. PIL's HSV conversion gives exactly this, 5x faster than numpy."""
-    return np.asarray(Image.fromarray(rgb, "RGB").convert("HSV"))[..., 1]
-
-
-def tissue_mask(thumbnail: np.ndarray) -> tuple[np.ndarray, int]:
-    """Tissue pixels of an RGB thumbnail (H, W, 3) and the saturation threshold used: Otsu's,
-    clipped into TISSUE_SATURATION so that an image that is all tissue (or all glass) is not
-    split in two."""
-    sat = saturation(thumbnail)
-    threshold = int(np.clip(otsu_threshold(sat), *TISSUE_SATURATION))
-    return sat > threshold, threshold
-
-
-def tissue_share(mask: np.ndarray, scale: float, origins: np.ndarray, window: int) -> np.ndarray:
-    """The share of tissue pixels in each window's footprint on the mask (mask pixels per level-0
-    pixel: `scale`): (n,) in [0, 1]."""
-    integral = np.pad(mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))  # < 2**31 px
-    h, w = mask.shape
-    x0 = np.clip((origins[:, 0] * scale).astype(np.int64), 0, w - 1)
-    y0 = np.clip((origins[:, 1] * scale).astype(np.int64), 0, h - 1)
-    x1 = np.clip(np.ceil((origins[:, 0] + window) * scale).astype(np.int64), x0 + 1, w)
-    y1 = np.clip(np.ceil((origins[:, 1] + window) * scale).astype(np.int64), y0 + 1, h)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return inside / ((x1 - x0) * (y1 - y0))
-
-
-CLASS_COLOURS = {  # fixed per class name (Kather 2016's and NCT-CRC-HE-100K's), so maps compare
-    "TUMOR": (200, 30, 45), "TUM": (200, 30, 45), "STROMA": (255, 150, 200), "STR": (255, 150, 200),
-    "COMPLEX": (150, 70, 170), "MUS": (150, 70, 170), "LYMPHO": (40, 70, 200), "LYM": (40, 70, 200),
-    "DEBRIS": (130, 90, 40), "DEB": (130, 90, 40), "MUCOSA": (60, 170, 70), "NORM": (60, 170, 70),
-    "MUC": (120, 210, 210), "ADIPOSE": (250, 220, 60), "ADI": (250, 220, 60),
-    "EMPTY": (225, 225, 225), "BACK": (225, 225, 225),
-}
-
-
-UNCLASSIFIED = (245, 245, 245)  # cells no window classified, on every map
-MIN_COLOUR_DISTANCE = 25.0  # CIE76 delta E between a map's derived colours and all others (tested; 2.3 is just noticeable)
-
-
-def lab(rgb) -> np.ndarray:
-    """CIELAB (D65) of sRGB colours (..., 3) in 0..255: the space where colour distance is perceived."""
-    c = np.asarray(rgb, np.float64) / 255
-    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)  # linear light
-    xyz = c @ np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]])
-    f = xyz / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(f > (6 / 29) ** 3, np.cbrt(f), f / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
-
-
-# Colours for class names without a fixed one: the sRGB grid of steps of 51, neither near-black nor
-# near-white (CIELAB lightness 30-85), from which class_palette picks the farthest from those in use
-_CANDIDATES = np.array([(r, g, b) for r in range(0, 256, 51) for g in range(0, 256, 51) for b in range(0, 256, 51)])
-_CANDIDATES = _CANDIDATES[(lab(_CANDIDATES)[:, 0] > 30) & (lab(_CANDIDATES)[:, 0] < 85)]
-_CANDIDATES_LAB = lab(_CANDIDATES)
-
-
-def class_palette(classes: list[str]) -> list[tuple[int, int, int]]:
-    """The RGB colour of each class on a map: fixed for Kather's and NCT's names (a folder's '01_'
-    prefix and case ignored), so their maps compare; every other name gets, in class order, the
-    candidate colour farthest (in CIELAB) from all colours already on this map, the fixed ones and
-    the light grey of unclassified cells included: distinct by construction (at least
-    MIN_COLOUR_DISTANCE apart for 12 classes and more, tested)."""
-    fixed = {c: CLASS_COLOURS[class_key(c)] for c in classes if class_key(c) in CLASS_COLOURS}
-    used = [lab(UNCLASSIFIED), *(lab(v) for v in fixed.values())]
-    out = []
-    for name in classes:
-        if name not in fixed:
-            far = np.min(np.linalg.norm(_CANDIDATES_LAB[:, None] - np.array(used)[None], axis=-1), axis=1)
-            fixed[name] = tuple(int(v) for v in _CANDIDATES[int(far.argmax())])
-            used.append(lab(fixed[name]))
-        out.append(fixed[name])
-    return out
-
-
-def shard(items: list, spec: str) -> list:
-    """Every N-th item from K, for --shard K/N (0 <= K < N): N jobs of a cluster array cover every
-    item exactly once, with no scheduler of their own."""
-    match = re.fullmatch(r"(\d+)/(\d+)", spec)
-    if not match or not int(match.group(1)) < int(match.group(2)):
-        raise UserError(f"--shard {spec} must be K/N with 0 <= K < N, e.g. 0/4")
-    k, n = int(match.group(1)), int(match.group(2))
-    return items[k::n]
+def load_test_split(ckpt: dict, path, data_dir: str | None, groups_file: str | None, device: torch.device,
+                    cache: dict, say=lambda line: None) -> tuple[dict, dict]:
+    """The data a checkpoint was made from (load_dataset) and its test part decoded onto `device`
+    (load_part), once per data folder, split and image size (`cache`). The folder is `data_dir`, or
+    the one the checkpoint records; its groups file is found by content (locate_groups), so a
+    checkpoint moves between machines. `say` prints notes and the progress of a long decode."""
+    ident = ckpt["identity"]
+    root, note = resolve_data_folder(data_dir, ckpt["args"].get("data"), path)
+    key = (root, *(ident.get(k) for k in ("img_size", "split_by", "split_seed", "test_frac", "val_frac")),
+           locate_groups(ident, root, groups_file))
+    if key not in cache:
+        if note:
+            say(note)
+        data = load_dataset(*key, classes_of=(ident["classes"], path))  # the folder first
+        check_memory(data, ("test",), device)
+        progress = lambda done, total: say(f"  decoded {done} / {total} test images")
+        cache[key] = (data, load_part(data, "test", device, progress))
+    data, part = cache[key]
+    differ = mismatches(ident, data["identity"])
+    if differ:
+        raise UserError(f"{path} does not belong to the data folder {root} ({'; '.join(differ)})")
+    return data, part
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiles of another lab: its class names mapped to a model's, and its tiles brought to the scale and
-# field of view the model was trained on (the tile record: px, mpp, um).
+# Tiles at another scale (evaluate.py --external, predict.py --images): a model trained on tiles of
+# a known field of view (the tile record: px, mpp, um) shown each tile at that scale, by a rule.
 
-EXTERNAL_SETS = {  # test sets --external fetches by name, with the scale and class map they need
-    "crc-val-he-7k": {
-        "url": "https://zenodo.org/record/1214456/files/CRC-VAL-HE-7K.zip", "md5": "2fd1651b4f94ebd818ebf90ad2b6ce06",
-        "page": "https://zenodo.org/record/1214456", "folder": "data/CRC-VAL-HE-7K", "mpp": 0.5,
-        # NCT's 9 classes to Kather 2016's 8, why each: docs/generalisation.md; docs/crc-val-he-7k.csv as a file
-        "class_map": {"ADI": "07_ADIPOSE", "BACK": "08_EMPTY", "DEB": "05_DEBRIS", "LYM": "04_LYMPHO",
-                      "MUC": "05_DEBRIS", "MUS": "02_STROMA", "NORM": "06_MUCOSA", "STR": "02_STROMA",
-                      "TUM": "01_TUMOR"}},
-}
 SCALE_RULES = ("crop", "cover", "whole", "resize")
+DEFAULT_SCALE_RULE = "cover"  # measured on the real tiles against crop, whole and resize: docs/generalisation.md
 
 
 def class_key(name: str) -> str:
     """A class name as maps and class maps compare it: a folder's '01_' prefix dropped, upper case."""
     return re.sub(r"^\d+_", "", name).upper()
-
-
-def find_class(name: str, classes: list[str]) -> int | None:
-    """The index of `name` among a model's classes: the same name, else the same class_key
-    ('TUMOR' is '01_TUMOR'); None when there is none."""
-    if name in classes:
-        return classes.index(name)
-    keys = [class_key(c) for c in classes]
-    return keys.index(class_key(name)) if keys.count(class_key(name)) == 1 else None
-
-
-def read_class_map(path: str | Path, folders: list[str], classes: list[str]) -> dict[str, str | None]:
-    """A class map CSV: rows of (folder of the external set, class of the model), several folders
-    to one class allowed; an empty second column leaves a folder unmapped; a first row naming the
-    columns (neither a folder nor a class) is allowed. Returns {folder: class or None} as written;
-    a class the model lacks and a map naming none of `folders` are errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--class-map {path} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [[cell.strip() for cell in r] for r in csv.reader(f) if any(cell.strip() for cell in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"--class-map {path} is not a readable CSV ({err})") from None
-    rows = [r + [""] * (2 - len(r)) for r in rows]
-    if rows and rows[0][0] not in folders and rows[0][1] and find_class(rows[0][1], classes) is None:
-        rows = rows[1:]  # the header
-    mapping = {}
-    for number, (folder, name, *_) in enumerate(rows, 1):
-        if name and find_class(name, classes) is None:
-            raise UserError(f"--class-map {path} maps {folder} to {name}, which is not a class of the "
-                            f"model; its classes are {', '.join(classes)}")
-        mapping[folder] = classes[find_class(name, classes)] if name else None
-    if not set(mapping) & set(folders):
-        raise UserError(f"--class-map {path} names none of the folders it is for ({', '.join(folders)}); "
-                        f"its first column must hold folder names")
-    return mapping
 
 
 def view_boxes(width: int, height: int, size: int, rule: str, image_mpp: float | None = None,
@@ -1625,7 +1514,8 @@ def view_boxes(width: int, height: int, size: int, rule: str, image_mpp: float |
     field = tile_um / image_mpp  # the training field of view, in tile pixels
     if rule == "whole":
         ratio = size / field
-        return [((0.0, 0.0, float(width), float(height)), (max(1, round(width * ratio)), max(1, round(height * ratio))))]
+        out = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+        return [((0.0, 0.0, float(width), float(height)), out)]
     if field > 1.02 * min(width, height):  # 2%: slack for rounded scales
         raise UserError(f"a {width} x {height} px tile at {image_mpp:g} um/px shows "
                         f"{width * image_mpp:.4g} x {height * image_mpp:.4g} um, less than the "
@@ -1646,6 +1536,77 @@ def tile_views(img: Image.Image, size: int, rule: str, image_mpp: float | None =
         img = img.convert("RGB")
     return [np.asarray(img.resize(out, Image.BILINEAR, box=box)).transpose(2, 0, 1)
             for box, out in view_boxes(img.width, img.height, size, rule, image_mpp, tile_um)]
+
+
+def scale_rule(given: str | None, mpp: float | None) -> str:
+    """The scale rule tiles are brought to the model with: --scale-rule (`given`), else
+    DEFAULT_SCALE_RULE where the tiles' scale is known and resize (the whole tile squeezed) where not."""
+    if mpp is None and given not in (None, "resize"):
+        raise UserError(f"--scale-rule {given} needs the tiles' scale: pass --image-mpp")
+    return given or (DEFAULT_SCALE_RULE if mpp else "resize")
+
+
+def rule_line(rule: str, views: int, tiles: int) -> str:
+    """The scale rule that ran, in words."""
+    seen = {"crop": "the centred training field of view", "cover": "the mean over the fewest training fields "
+            "that cover it", "whole": "all of it at the training scale", "resize": "all of it squeezed into the "
+            "training size"}[rule]
+    return f"scale rule {rule}: the network saw of each tile {seen} ({views} views of {tiles} tiles)"
+
+
+def decode_views(root, files: list[str], size: int, rule: str, mpp: float | None,
+                 tile_um: float | None) -> tuple[list, dict[str, str]]:
+    """Every file's views (tile_views), grouped by shape: [(uint8 (m, 3, h, w), owner (m,))]
+    where owner is the index of each view's file; and {file: reason} of files that do not decode."""
+    def views(name):
+        try:
+            with Image.open(Path(root) / name) as img:
+                return tile_views(img, size, rule, mpp, tile_um)
+        except UNREADABLE as err:
+            return str(err) or type(err).__name__
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL resizes without the GIL
+        decoded = list(pool.map(views, files))
+    groups, bad = {}, {}
+    for i, (name, got) in enumerate(zip(files, decoded)):
+        if isinstance(got, str):
+            bad[name] = got
+            continue
+        for view in got:
+            group = groups.setdefault(view.shape, ([], []))
+            group[0].append(view)
+            group[1].append(i)
+    return [(torch.from_numpy(np.stack(v)), torch.tensor(o)) for v, o in groups.values()], bad
+
+
+def view_logits(logits_of, groups: list, n: int, tta: bool = False) -> torch.Tensor:
+    """Logits (n, C) of n tiles: the mean over each tile's views (and, with `tta`, their mirrors)."""
+    sums, counts = None, torch.zeros(n)
+    for views, owner in groups:
+        logits = logits_of(views).float()
+        if tta:  # the two views the teacher logits cover: the tile and its mirror
+            logits = (logits + logits_of(views.flip(3)).float()) / 2
+        sums = torch.zeros(n, logits.shape[1]) if sums is None else sums
+        sums.index_add_(0, owner, logits)
+        counts.index_add_(0, owner, torch.ones(len(owner)))
+    return sums / counts[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics that more than one script reports (evaluate.py's own are there)
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion correct / n, in percent; (0, 100) for n = 0."""
+    if n == 0:
+        return 0.0, 100.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1709,9 +1670,18 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-FILE_KINDS = {CHECKPOINT_FORMAT: "a checkpoint (a model, written by train_teacher.py or distill.py: teacher.pt, student.pt)",
+def write_csv(header: list[str], rows: list[list], path) -> None:
+    """Write a CSV file (a header row, then `rows`) atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(buf.getvalue(), path)
+
+
+FILE_KINDS = {CHECKPOINT_FORMAT: "a checkpoint (a model, written by train_teacher.py or distill.py: teacher.pt, "
+                                 "student.pt)",
               LOGITS_FORMAT: "the stored teacher logits (train_teacher.py's teacher_logits.pt)",
-              OLD_LOGITS_FORMAT: "the stored teacher logits (train_teacher.py's teacher_logits.pt)",
               STATE_FORMAT: "the resumable state of an interrupted run (*.state.pt, for --resume)"}
 
 
@@ -1729,6 +1699,9 @@ def load_file(path: str | Path, kind: str | tuple[str, ...], wanted: str | None 
         raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") not in kinds:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        if str(found).startswith("mpkd-") and found not in FILE_KINDS:
+            raise UserError(f"{path} was written by an earlier version of this code ({found}): re-run "
+                            f"the command that made it with the current code")
         what = f"{FILE_KINDS[found]} ({found})" if found in FILE_KINDS else f"something else ({found})"
         raise UserError(f"{path} is not a {kinds[0]} file: it is {what}; pass {wanted or FILE_KINDS[kinds[0]]}")
     return obj
@@ -1748,6 +1721,34 @@ def check_writable(*paths: str | Path) -> None:
         except OSError as err:
             raise UserError(f"cannot write {path}: folder {folder} is not writable "
                             f"({err.strerror})") from None
+
+
+def median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Median wall time of each function, the functions taking turns (A B B A ...) so drift cancels."""
+    times = [[] for _ in fns]
+    for i in range(warmup + repeats * len(fns)):
+        k = i % len(fns) if (i // len(fns)) % 2 == 0 else len(fns) - 1 - i % len(fns)
+        sync(device)
+        start = time.perf_counter()
+        fns[k]()
+        sync(device)
+        if i >= warmup:
+            times[k].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def first_few(items: list[str], most: int = 10) -> str:
+    """'a; b; c' for a message, the first `most` of them, and how many more: 'a; b; and 5 more'."""
+    more = f"; and {len(items) - most} more" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
+def require(*modules: str, feature: str, install: str):
+    """The optional modules a feature needs, imported; or a one-line error naming the pip command."""
+    try:
+        return [__import__(m, fromlist=["_"]) for m in modules]
+    except (ImportError, OSError):  # OSError: a Python package without its library (openslide)
+        raise UserError(f"{feature}: an optional package is missing: pip install {install}") from None
 
 
 def state_path(out: str | Path) -> Path:
@@ -1791,15 +1792,6 @@ def open_state(args: dict, data_identity: dict) -> dict | None:
     return state
 
 
-def load_teacher_logits(path: str | Path) -> dict:
-    """Load a teacher logits file ({"logits": {stored epoch: (N_train, 2, C)}, "identity": ...});
-    files of the earlier format are read too."""
-    stored = load_file(path, (LOGITS_FORMAT, OLD_LOGITS_FORMAT))
-    if stored["format"] == OLD_LOGITS_FORMAT:  # same tensors; that version named their key "outputs"
-        stored = {**stored, "format": LOGITS_FORMAT, "logits": stored.pop("outputs")}
-    return stored
-
-
 def check_same_data(found: dict, identity: dict, path: str | Path) -> None:
     """Refuse a file (teacher logits) made from other data, split, image size, groups or classes."""
     differ = mismatches(identity, found)
@@ -1825,30 +1817,26 @@ DATA_DEFAULTS = {"img_size": 112, "split_by": "tile", "split_seed": 0, "test_fra
                  "groups": None}  # the paper's (--groups FILE has none); flags default to None
 
 
-def resolve_data_settings(args: dict, recorded: dict | None = None, source: str = "") -> None:
-    """Fill in place the data settings left unset (None) in `args`: from `recorded` (the identity in
-    a teacher logits file) when given, else the paper's defaults. A setting the user gave that
-    differs from `recorded` is refused, naming the flag and the value to pass."""
+def resolve_data_settings(given: dict, data_dir: str | Path, recorded: dict | None = None, source: str = "") -> dict:
+    """The data settings of a run, DATA_DEFAULTS' keys: each as the user gave it (`given`, the
+    flags as a dict, None where unset), else as `recorded` (the identity in a teacher logits file)
+    says when given, else the paper's default. A setting the user gave that differs from `recorded`
+    is refused, naming the flag and the value to pass. A groups file is found by its content in or
+    beside `data_dir` (locate_groups), so files may move between machines."""
+    out = {}
     for key, default in DATA_DEFAULTS.items():
-        if key not in args:
+        if key == "groups":
+            out[key] = (locate_groups(recorded, data_dir, given[key]) if recorded is not None
+                        else str(Path(given[key]).resolve()) if given[key] is not None else None)
             continue
-        if key == "groups":  # a path: found by its content, so files may move between machines
-            given = args[key]
-            if recorded is not None:
-                args[key] = locate_groups(recorded, args["data"], given)
-            elif given is not None:
-                args[key] = str(Path(given).resolve())
-            continue
-        if key == "split_by" and args.get("groups") and recorded is None:
+        if key == "split_by" and given["groups"] and recorded is None:
             default = "group"  # --groups FILE alone asks for a split by its groups
         known = default if recorded is None else recorded.get(key)
-        given = args[key]
-        if given is None:
-            args[key] = known
-            continue
-        if recorded is not None and given != known:
+        out[key] = known if given[key] is None else given[key]
+        if recorded is not None and given[key] is not None and given[key] != known:
             flag = "--" + key.replace("_", "-")
             fix = f"pass {flag} {known}" if known is not None else f"leave out {flag}"
-            raise UserError(f"{flag} {given} differs from {source}, which was made with "
+            raise UserError(f"{flag} {given[key]} differs from {source}, which was made with "
                             f"{f'{flag} {known}' if known is not None else f'no {flag}'}: {fix}, or "
                             f"leave it out to take it from that file")
+    return out

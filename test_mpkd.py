@@ -1,12 +1,10 @@
-"""Tests for mpkd.py and the three scripts: CPU only, tiny synthetic image folders, no downloads.
+"""Tests of the method, the core (mpkd.py) and the card's three scripts (train_teacher.py,
+distill.py, evaluate.py): CPU only, tiny synthetic image folders, no downloads. The shared data and
+models are in conftest.py; predict.py and export.py have test files of their own.
 
     python -m pytest -q test_mpkd.py
 """
 
-import argparse
-import contextlib
-import hashlib
-import io
 import json
 import math
 import os
@@ -16,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,47 +24,12 @@ from PIL import Image
 
 import distill
 import evaluate
+import export
 import mpkd
+import predict
 import train_teacher
-
-HERE = Path(__file__).resolve().parent
-SAMPLES = HERE.parent / "shared" / "data" / "kather2016_samples"
-FAST = ["--img-size", "32", "--batch-size", "8", "--device", "cpu"]
-TIMING = ("seconds", "train_seconds", "images_per_s", "logits_seconds", "compile_seconds")
-
-
-def make_dataset(root, classes=4, per_class=10, size=40, slides=5, suffix=".png"):
-    """Class folders of real image files; each class has its own colour so that it can be learnt."""
-    return mpkd.make_standin(root, classes, per_class, size, slides, suffix)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """One teacher (3 epochs, logits stored after every epoch) shared by the tests that only read it."""
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher.main(train_teacher.get_args([
-        "--data", str(data_dir), "--out", str(out / "teacher.pt"), "--logits-out", str(out / "teacher_logits.pt"),
-        "--no-pretrained", "--epochs", "3", "--save-every", "1", *FAST]))
-    return out
-
-
-def teacher_argv(data, out, *extra):
-    return ["--data", str(data), "--out", str(out / "teacher.pt"), "--logits-out", str(out / "teacher_logits.pt"),
-            "--no-pretrained", "--epochs", "2", "--save-every", "1", *FAST, *map(str, extra)]
-
-
-def student_argv(data, teacher_dir, out, *extra):
-    return ["--data", str(data), "--teacher-logits", str(teacher_dir / "teacher_logits.pt"), "--out", str(out),
-            "--epochs", "3", *FAST, *extra]
-
-
-def without_timing(history):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+from conftest import (FAST, HERE, SAMPLES, external_folder, make_dataset, parser_of, read_csv, run_script,
+                      standin_tile, student_argv, teacher_argv, without_timing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +102,12 @@ def test_schedule_refuses_empty():
         mpkd.teacher_schedule(5, [])
 
 
-def test_anchors_are_parsed_and_unknown_ones_refused():
-    assert mpkd.parse_anchors("50, 5,15,30", [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]) == [5, 15, 30, 50]
+def test_stored_epochs_are_parsed_and_unknown_ones_refused():
+    assert mpkd.parse_epochs("50, 5,15,30", [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]) == [5, 15, 30, 50]
     with pytest.raises(mpkd.UserError, match=r"\[7\].*stored epochs are \[5, 10\]"):
-        mpkd.parse_anchors("5,7", [5, 10])
+        mpkd.parse_epochs("5,7", [5, 10])
     with pytest.raises(mpkd.UserError):
-        mpkd.parse_anchors("five", [5])
+        mpkd.parse_epochs("five", [5])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,9 +186,9 @@ def test_mixed_modes_and_sizes_become_rgb_of_the_training_size(tmp_path):
     assert (images[files.index("02_CLASS1/grey.tif")] == 77).all()
 
 
-def test_normalise_flips_and_normalises_on_the_input_device():
+def test_network_input_flips_and_normalises_on_the_input_device():
     x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
-    out = mpkd.normalise(x, torch.tensor([False, True]))
+    out = mpkd.network_input(x, torch.tensor([False, True]))
     mean = torch.tensor(mpkd.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(mpkd.IMAGENET_STD).view(1, 3, 1, 1)
     plain = (x.float() / 255 - mean) / std
@@ -249,12 +211,12 @@ def test_classification_report_against_hand_computed_values():
 
 
 def test_seed_aggregation_and_paired_difference():
-    rows = [{"method": m, "network": "MixNet-S", "accuracy": a, "params_m": 2.61, "size_mb": 10.44,
-             "pair_key": [s, "f"]}
-            for m, accs in [("Multi-Part KD", [90.0, 92.0, 94.0]), ("vanilla KD", [89.0, 92.5, 91.0])]
+    rows = [{"method": mpkd.METHODS[m], "method_key": m, "network": "MixNet-S", "accuracy": a, "params_m": 2.61,
+             "size_mb": 10.44, "pair_key": [s, "f"]}
+            for m, accs in [("multipart", [90.0, 92.0, 94.0]), ("vanilla", [89.0, 92.5, 91.0])]
             for s, a in enumerate(accs)]
-    rows.append({"method": "teacher", "network": "MixNet-L", "accuracy": 95.0, "params_m": 5.8, "size_mb": 23.2,
-                 "pair_key": [0, "f"]})
+    rows.append({"method": "teacher", "method_key": "teacher", "network": "MixNet-L", "accuracy": 95.0,
+                 "params_m": 5.8, "size_mb": 23.2, "pair_key": [0, "f"]})
     summary = evaluate.summarise(rows)
     assert [(s["method"], s["n"]) for s in summary] == [("teacher", 1), ("vanilla KD", 3), ("Multi-Part KD", 3)]
     assert summary[2]["accuracy_mean"] == pytest.approx(92.0) and summary[2]["accuracy_std"] == pytest.approx(2.0)
@@ -276,10 +238,10 @@ def test_wilson_interval_against_hand_computed_values():
     z = 1.959963984540054
     centre = (0.8 + z * z / 20) / (1 + z * z / 10)
     half = z * math.sqrt(0.016 + z * z / 400) / (1 + z * z / 10)
-    assert evaluate.wilson_interval(8, 10) == pytest.approx((100 * (centre - half), 100 * (centre + half)))
-    assert evaluate.wilson_interval(8, 10) == pytest.approx((49.02, 94.33), abs=0.01)  # published table
-    assert evaluate.wilson_interval(10, 10)[1] == pytest.approx(100) and evaluate.wilson_interval(0, 10)[0] == 0
-    assert evaluate.wilson_interval(0, 0) == (0.0, 100.0)
+    assert mpkd.wilson_interval(8, 10) == pytest.approx((100 * (centre - half), 100 * (centre + half)))
+    assert mpkd.wilson_interval(8, 10) == pytest.approx((49.02, 94.33), abs=0.01)  # published table
+    assert mpkd.wilson_interval(10, 10)[1] == pytest.approx(100) and mpkd.wilson_interval(0, 10)[0] == 0
+    assert mpkd.wilson_interval(0, 0) == (0.0, 100.0)
 
 
 def test_mcnemar_exact_against_hand_computed_values():
@@ -325,7 +287,7 @@ def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, c
     out = tmp_path / "student.pt"
     distill.main(distill.get_args(student_argv(data_dir, trained, out, "--multipart", "--epochs", "6")))
     ckpt = mpkd.load_file(out, mpkd.CHECKPOINT_FORMAT)
-    assert ckpt["method"] == "Multi-Part KD" and ckpt["model"] == "mixnet_s"
+    assert ckpt["method"] == "multipart" and ckpt["model"] == "mixnet_s"  # a key; Multi-Part KD on display
     assert [r["teacher_epoch"] for r in ckpt["history"]] == [1, 1, 2, 2, 3, 3]
     json_path, csv_path = tmp_path / "table.json", tmp_path / "pred.csv"
     rows = evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), str(out), "--data", str(data_dir),
@@ -350,30 +312,16 @@ def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, c
     assert sum(line.split(",")[2] == line.split(",")[3] for line in lines[1:]) == round(expected * 8 / 100)
 
 
-@pytest.fixture(scope="module")
-def student(trained, data_dir, tmp_path_factory):
-    """A Multi-Part KD student of the shared teacher."""
-    out = tmp_path_factory.mktemp("student") / "student.pt"
-    distill.main(distill.get_args(student_argv(data_dir, trained, out, "--multipart")))
-    return out
-
-
-def _csv(path):
-    import csv
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_report_intervals_and_mcnemar_agree_with_the_predictions_csv(trained, student, data_dir, tmp_path):
     ckpts = [str(trained / "teacher.pt"), str(student)]
     evaluate.main(evaluate.get_args([*ckpts, "--data", str(data_dir), "--device", "cpu",
                                      "--json", str(tmp_path / "r.json"), "--predictions", str(tmp_path / "p.csv")]))
-    report, rows = json.loads((tmp_path / "r.json").read_text()), _csv(tmp_path / "p.csv")
+    report, rows = json.loads((tmp_path / "r.json").read_text()), read_csv(tmp_path / "p.csv")
     right = {c: {r["file"]: r["true"] == r["predicted"] for r in rows if r["checkpoint"] == c} for c in ckpts}
     for entry in report["checkpoints"]:  # recomputed from the CSV alone
         n, k = len(right[entry["checkpoint"]]), sum(right[entry["checkpoint"]].values())
         assert (entry["n_test"], entry["correct"]) == (n, k)
-        assert entry["accuracy_ci95"] == pytest.approx(evaluate.wilson_interval(k, n))
+        assert entry["accuracy_ci95"] == pytest.approx(mpkd.wilson_interval(k, n))
         assert entry["data"]["folder"] == str(data_dir) and entry["data"]["img_size"] == 32
     [test] = report["mcnemar"]
     a, b = right[ckpts[0]], right[ckpts[1]]
@@ -434,7 +382,7 @@ def test_a_wrong_data_folder_is_named_before_its_groups(tmp_path):
                                        "--out", str(tmp_path / "s.pt"), "--device", "cpu"]))
     rows = evaluate.main(evaluate.get_args([str(tmp_path / "teacher.pt"), "--device", "cpu",
                                             "--predictions", str(tmp_path / "p.csv")]))
-    table = _csv(tmp_path / "p.csv")
+    table = read_csv(tmp_path / "p.csv")
     group = {line.split(",")[0]: line.split(",")[1] for line in (tmp_path / "groups.csv").read_text().splitlines()[1:]}
     assert [r["group"] for r in table] == [group[f] for f in rows[0]["files"]]  # the leakage check needs no join
 
@@ -453,94 +401,34 @@ def test_standin_is_idempotent_and_leaves_other_folders_alone(tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
-def test_images_predicts_a_messy_folder_like_the_test_report(student, data_dir, tmp_path):
-    evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--device", "cpu",
-                                     "--predictions", str(tmp_path / "test.csv")]))
-    reported = {Path(r["file"]).name: r for r in _csv(tmp_path / "test.csv")}
-    new = tmp_path / "new"
-    for i, name in enumerate(sorted(reported)):  # copies of the test tiles, nested at any depth
-        folder = new / "slide_a" / "deeper" if i % 2 else new / "slide_b"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes((data_dir / reported[name]["file"]).read_bytes())
-    first = sorted(reported)[0]
-    (new / ".hidden.png").write_bytes((new / "slide_b" / first).read_bytes())
-    (new / ".ipynb_checkpoints").mkdir()
-    (new / ".ipynb_checkpoints" / first).write_bytes((new / "slide_b" / first).read_bytes())
-    Image.open(new / "slide_b" / first).convert("RGBA").save(new / "odd_rgba.png")
-    Image.open(new / "slide_b" / first).convert("P").save(new / "odd_palette.bmp")
-    (new / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
-    (new / "notes.txt").write_text("not an image")
-    out = tmp_path / "new.csv"
-    evaluate.main(evaluate.get_args([str(student), "--images", str(new), "--device", "cpu",
-                                     "--predictions", str(out)]))
-    rows = {r["file"]: r for r in _csv(out)}
-    assert len(rows) == len(reported) + 3 and not any(".hidden" in f or "ipynb" in f for f in rows)
-    assert rows["broken.tif"]["predicted"] == "" and rows["broken.tif"]["error"]
-    assert rows["odd_rgba.png"]["predicted"] and rows["odd_palette.bmp"]["predicted"]
-    classes = [k[2:] for k in _csv(tmp_path / "test.csv")[0] if k.startswith("p_")]
-    for f, r in rows.items():
-        if Path(f).name in reported and "/" in f:
-            expected = reported[Path(f).name]
-            assert r["predicted"] == expected["predicted"] and r["error"] == ""
-            assert [float(r[f"p_{c}"]) for c in classes] == pytest.approx(
-                [float(expected[f"p_{c}"]) for c in classes], abs=1e-5)
-            assert float(r["probability"]) == max(float(r[f"p_{c}"]) for c in classes)
-
-
-def test_images_tta_averages_the_logits_of_both_views(student, data_dir, tmp_path):
-    folder = tmp_path / "one"
-    folder.mkdir()
-    tile = sorted(data_dir.rglob("*.png"))[0]
-    (folder / "tile.png").write_bytes(tile.read_bytes())
-    evaluate.main(evaluate.get_args([str(student), "--images", str(folder), "--tta", "--device", "cpu",
-                                     "--predictions", str(tmp_path / "tta.csv")]))
-    [row] = _csv(tmp_path / "tta.csv")
-    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
-    model = mpkd.load_model(ckpt, student)
-    image = mpkd.load_images(folder, ["tile.png"], 32)
-    logits = (mpkd.predict(model, image, "fp32") + mpkd.predict(model, image.flip(3), "fp32")) / 2
-    probs = torch.softmax(logits, 1)[0].tolist()
-    assert [float(row[f"p_{c}"]) for c in ckpt["identity"]["classes"]] == pytest.approx(probs, abs=1e-6)
-
-
-def test_images_refuses_an_empty_folder_and_several_checkpoints(student, trained, tmp_path):
-    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
-    (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(b"")
-    proc = _script("evaluate.py", student, "--images", tmp_path / "empty", "--device", "cpu", cwd=tmp_path)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "holds no images" in err and err.strip().count("\n") == 0
-    with pytest.raises(mpkd.UserError, match="one checkpoint"):
-        evaluate.main(evaluate.get_args([str(student), str(trained / "teacher.pt"), "--images", str(tmp_path)]))
-
-
 def test_vanilla_alone_and_anchored_students(trained, data_dir, tmp_path):
     runs = {"vanilla.pt": [], "alone.pt": ["--distill-weight", "0", "--teacher-logits", "missing.pt"],
             "anchors.pt": ["--anchors", "1,3"]}
     for name, extra in runs.items():
         distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / name, *extra)))
     ckpts = {n: mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in runs}
-    assert ckpts["vanilla.pt"]["method"] == "vanilla KD"
+    assert ckpts["vanilla.pt"]["method"] == "vanilla"
     assert [r["teacher_epoch"] for r in ckpts["vanilla.pt"]["history"]] == [3, 3, 3]
-    assert ckpts["alone.pt"]["method"] == "student alone" and "teacher_epoch" not in ckpts["alone.pt"]["history"][0]
+    assert ckpts["alone.pt"]["method"] == "alone" and "teacher_epoch" not in ckpts["alone.pt"]["history"][0]
     assert [r["teacher_epoch"] for r in ckpts["anchors.pt"]["history"]] == [1, 3, 3]
 
 
-def test_teacher_logits_of_the_earlier_format_are_still_read(trained, data_dir, tmp_path):
+def test_files_of_an_earlier_version_ask_to_be_made_again(trained, student, data_dir, tmp_path):
     new = torch.load(trained / "teacher_logits.pt", weights_only=True)
     old = {k: v for k, v in new.items() if k != "logits"}
-    old.update({"format": mpkd.OLD_LOGITS_FORMAT, "outputs": new["logits"]})  # the earlier names
+    old.update({"format": "mpkd-teacher-outputs/1", "outputs": new["logits"]})  # the earliest names
     torch.save(old, tmp_path / "old_logits.pt")
-    argv = student_argv(data_dir, trained, tmp_path / "s.pt", "--multipart", "--epochs", "3")
-    distill.main(distill.get_args(argv + ["--teacher-logits", str(tmp_path / "old_logits.pt")]))
-    distill.main(distill.get_args(argv + ["--out", str(tmp_path / "n.pt")]))
-    a, b = (mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in ("s.pt", "n.pt"))
-    assert all(torch.equal(a["state_dict"][k], v) for k, v in b["state_dict"].items())
-
-
-def _parser(script, monkeypatch):
-    """The ArgumentParser a script's get_args builds (parse_args made to hand it back)."""
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: self)
-    return script.get_args([])
+    ckpt = torch.load(student, weights_only=True)
+    ckpt.update(format="mpkd-checkpoint/1", method="Multi-Part KD")  # methods were display names then
+    torch.save(ckpt, tmp_path / "old.pt")
+    again = r"written by an earlier version of this code \(mpkd-{}\): re-run the command that made it"
+    with pytest.raises(mpkd.UserError, match=again.format("teacher-outputs/1")):
+        distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / "s.pt", "--teacher-logits",
+                                                   str(tmp_path / "old_logits.pt"))))
+    for script, extra in ((evaluate, []), (predict, ["--images", str(data_dir)]), (export, [])):
+        with pytest.raises(mpkd.UserError, match=again.format("checkpoint/1")):
+            script.main(script.get_args([str(tmp_path / "old.pt"), *extra]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt", "old_logits.pt"]
 
 
 def test_shared_flags_agree_between_the_training_scripts(monkeypatch):
@@ -548,7 +436,7 @@ def test_shared_flags_agree_between_the_training_scripts(monkeypatch):
     # copies from drifting. Only these differ on purpose: each script's own output file and network,
     # and the ImageNet start (the paper's teacher is pretrained, its student is not).
     on_purpose = {"--out", "--model", "--pretrained"}
-    flags = [{a.option_strings[0]: a for a in _parser(m, monkeypatch)._actions if a.option_strings}
+    flags = [{a.option_strings[0]: a for a in parser_of(m, monkeypatch)._actions if a.option_strings}
              for m in (train_teacher, distill)]
     shared = (set(flags[0]) & set(flags[1])) - on_purpose - {"-h"}
     assert {"--data", "--img-size", "--batch-size", "--lr", "--seed", "--split-seed", "--split-by",
@@ -563,7 +451,7 @@ def test_multipart_with_a_single_stored_epoch_warns_and_runs_vanilla_kd(data_dir
     assert list(torch.load(tmp_path / "teacher_logits.pt", weights_only=True)["logits"]) == [2]
     distill.main(distill.get_args(student_argv(data_dir, tmp_path, tmp_path / "s.pt", "--multipart", "--epochs", "1")))
     assert "vanilla KD" in capsys.readouterr().err
-    assert mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["method"] == "vanilla KD"
+    assert mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["method"] == "vanilla"
 
 
 def test_slide_split_end_to_end_and_mixing_modes_is_refused(trained, data_dir, tmp_path, capsys):
@@ -633,14 +521,6 @@ def test_resume_with_other_settings_is_refused(trained, data_dir, tmp_path, monk
         distill.main(distill.get_args(argv + ["--resume", "--img-size", "48"]))
 
 
-def _script(name, *argv, cwd):
-    # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored,
-    # which a child inherits, and Python turns Ctrl-C into KeyboardInterrupt only if it was not
-    return subprocess.Popen([sys.executable, str(HERE / name), *map(str, argv)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
 def _wait_for_new_state(proc, path):
     """Wait until `proc` has saved a new epoch state; False if it exited first."""
     before = path.stat().st_mtime_ns if path.exists() else None
@@ -656,10 +536,10 @@ def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir,
     argv = ["--data", data_dir, "--no-pretrained", "--epochs", "6", "--save-every", "2", "--stain-augment", *FAST]
     (tmp_path / "ref").mkdir()
     (tmp_path / "run").mkdir()
-    ref = _script("train_teacher.py", *argv, cwd=tmp_path / "ref")
+    ref = run_script("train_teacher.py", *argv, cwd=tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     rng, kills = random.Random(7), 0
-    first = _script("train_teacher.py", *argv, cwd=tmp_path / "run")
+    first = run_script("train_teacher.py", *argv, cwd=tmp_path / "run")
     deadline = time.time() + 120
     while not (tmp_path / "run" / "teacher.state.pt").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -669,7 +549,7 @@ def test_teacher_killed_at_random_moments_resumes_to_identical_results(data_dir,
     state = tmp_path / "run" / "teacher.state.pt"
     done = lambda: (tmp_path / "run" / "teacher.pt").exists() and not state.exists()
     while not done():  # (a kill can land after the run completed and before the process exited)
-        proc = _script("train_teacher.py", *argv, "--resume", cwd=tmp_path / "run")
+        proc = run_script("train_teacher.py", *argv, "--resume", cwd=tmp_path / "run")
         if kills < 5 and _wait_for_new_state(proc, state):
             time.sleep(rng.uniform(0, 0.4))  # somewhere in the next epoch, its save, or the final writes
             if proc.poll() is None:
@@ -917,7 +797,8 @@ def _readme_blocks():
 def test_readme_blocks_name_only_flags_the_scripts_have():
     # blocks that need the real data set or hours of training are checked flag by flag; the
     # five-minute block runs for real below, and CI runs the test command
-    scripts = {"train_teacher.py": train_teacher, "distill.py": distill, "evaluate.py": evaluate}
+    scripts = {"train_teacher.py": train_teacher, "distill.py": distill, "evaluate.py": evaluate,
+               "predict.py": predict, "export.py": export}
     variables = {"$S": "--batch-size 16 --epochs 5 --device cpu".split(), "$s": ["0"], "$f": ["--multipart"]}
     checked = 0
     for _, code in _readme_blocks():
@@ -952,11 +833,20 @@ def test_readme_five_minute_block_runs_as_pasted_twice(tmp_path):
 # Bad inputs: one clear line, exit status 2, nothing overwritten
 
 
+def test_jobs_that_left_evaluate_py_name_their_script_in_one_line(tmp_path):
+    for flags, script in ((["--map", "slide.svs"], "predict.py"), (["--images", "tiles/"], "predict.py"),
+                          (["--export", "s.onnx", "--int8"], "export.py")):
+        proc = run_script("evaluate.py", "student.pt", *flags, cwd=tmp_path)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.count("\n") == 1 and f"is a job of {script} now: python {script}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_input_from_the_command_line_is_one_line_and_exit_status_2(tmp_path):
-    proc = _script("train_teacher.py", "--data", tmp_path / "nowhere", cwd=tmp_path)
+    proc = run_script("train_teacher.py", "--data", tmp_path / "nowhere", cwd=tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip().count("\n") == 0 and "does not exist" in err
-    proc = _script("evaluate.py", tmp_path / "nothing.pt", "--data", tmp_path, cwd=tmp_path)
+    proc = run_script("evaluate.py", tmp_path / "nothing.pt", "--data", tmp_path, cwd=tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.startswith("error: ") and "Traceback" not in err
 
@@ -1095,7 +985,7 @@ def test_pretrained_weights_offline_suggest_no_pretrained(data_dir, tmp_path):
 def test_benchmark_reports_every_figure_and_leaves_the_model_alone():
     model = mpkd.build_mixnet("mixnet_s", 3, pretrained=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = evaluate.benchmark(model, 32, torch.device("cpu"), "fp32", train_batch=4, repeats=2)
+    result = evaluate.speed(model, 32, torch.device("cpu"), "fp32", train_batch=4, repeats=2)
     assert set(result) == {"latency_ms", "throughput", "train_step_images_per_s", "kd_step_images_per_s"}
     assert all(v > 0 and math.isfinite(v) for v in result.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -1103,7 +993,7 @@ def test_benchmark_reports_every_figure_and_leaves_the_model_alone():
 
 def test_timed_turns_alternate_so_that_drift_cancels():
     order = []
-    evaluate._median_seconds([lambda: order.append("A"), lambda: order.append("B")], torch.device("cpu"), 4, 0)
+    mpkd.median_seconds([lambda: order.append("A"), lambda: order.append("B")], torch.device("cpu"), 4, 0)
     assert "".join(order) == "ABBAABBA"
 
 
@@ -1187,7 +1077,7 @@ def test_group_split_from_a_csv_travels_with_the_teacher_logits(tmp_path, capsys
     stored = mpkd.load_file(tmp_path / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
     ident = stored["identity"]
     assert ident["split_by"] == "group" and ident["groups_file"] == str((tmp_path / "groups.csv").resolve())
-    assert ident["groups_fingerprint"] == mpkd.file_fingerprint(tmp_path / "groups.csv")
+    assert ident["groups_fingerprint"] == mpkd.file_sha256(tmp_path / "groups.csv")
     data = mpkd.load_dataset(root, 32, "group", 0, 0.2, 0.2, tmp_path / "groups.csv")
     sides = [{group[data["files"][i]] for i in data["split"][p]} for p in ("train", "val", "test")]
     assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
@@ -1404,7 +1294,7 @@ def test_auto_anchors_explain_their_choice_and_resume_bit_identically(trained, d
     distill.main(distill.get_args(argv("a.pt")))
     printed = capsys.readouterr().out
     reference = mpkd.load_file(tmp_path / "a.pt", mpkd.CHECKPOINT_FORMAT)
-    assert reference["method"] == "Multi-Part KD, auto anchors" and "auto anchors: starting from teacher@1" in printed
+    assert reference["method"] == "auto" and "auto anchors: starting from teacher@1" in printed
     schedule = reference["schedule"]
     assert schedule == [r["teacher_epoch"] for r in reference["history"]] and schedule[-1] == 3
     assert schedule == sorted(schedule) and schedule[0] == 1  # starts at the earliest, never goes back
@@ -1422,807 +1312,14 @@ def test_auto_anchors_explain_their_choice_and_resume_bit_identically(trained, d
     assert rows[0]["method"] == "Multi-Part KD, auto anchors"
 
 
-def test_auto_anchors_need_validation_logits_and_old_files_still_work(trained, data_dir, tmp_path, capsys):
-    old = torch.load(trained / "teacher_logits.pt", weights_only=True)
-    del old["val_logits"]
-    torch.save(old, tmp_path / "old.pt")
-    argv = student_argv(data_dir, trained, tmp_path / "s.pt", "--teacher-logits", str(tmp_path / "old.pt"))
-    with pytest.raises(mpkd.UserError, match="--anchors auto .* needs a validation part .* validation logits"):
+def test_auto_anchors_need_a_validation_part_and_other_methods_run_without_one(data_dir, tmp_path, capsys):
+    train_teacher.main(train_teacher.get_args(teacher_argv(data_dir, tmp_path, "--val-frac", "0")))
+    assert "val_logits" not in torch.load(tmp_path / "teacher_logits.pt", weights_only=True)
+    argv = student_argv(data_dir, tmp_path, tmp_path / "s.pt")
+    with pytest.raises(mpkd.UserError, match="--anchors auto .* validation images: it needs a validation part"):
         distill.main(distill.get_args(argv + ["--anchors", "auto"]))
-    distill.main(distill.get_args(argv + ["--multipart"]))  # everything else still works, without a route
-    assert "route is not logged" in capsys.readouterr().err
+    distill.main(distill.get_args(argv + ["--multipart"]))  # everything else works, without a route
     assert "route" not in mpkd.load_file(tmp_path / "s.pt", mpkd.CHECKPOINT_FORMAT)["history"][0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Deployment: one ONNX file
-
-
-@pytest.fixture(scope="module")
-def exported(trained, student, data_dir, tmp_path_factory):
-    """The student and the teacher exported to ONNX by evaluate.py --export."""
-    pytest.importorskip("onnxruntime")
-    out = tmp_path_factory.mktemp("onnx")
-    for ckpt, name in ((student, "student.onnx"), (trained / "teacher.pt", "teacher.onnx")):
-        evaluate.main(evaluate.get_args([str(ckpt), "--data", str(data_dir), "--device", "cpu",
-                                         "--export", str(out / name)]))
-    return out
-
-
-@pytest.mark.parametrize("name,ckpt_of", [("student.onnx", lambda t, s: s),
-                                          ("teacher.onnx", lambda t, s: t / "teacher.pt")])
-def test_exported_onnx_is_one_file_with_its_contract_and_agrees_with_pytorch(exported, trained, student, data_dir,
-                                                                           name, ckpt_of):
-    import onnxruntime as ort
-    path, ckpt_path = exported / name, ckpt_of(trained, student)
-    assert sorted(p.name for p in exported.iterdir()) == ["student.onnx", "teacher.onnx"]  # no side .data files
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    [inp] = session.get_inputs()
-    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
-    assert isinstance(inp.shape[0], str)  # a dynamic batch dimension
-    assert [(o.name, o.shape[1]) for o in session.get_outputs()] == [("probabilities", 4), ("logits", 4)]
-    ckpt = mpkd.load_file(ckpt_path, mpkd.CHECKPOINT_FORMAT)
-    meta = session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["classes"]) == ckpt["identity"]["classes"] and meta["img_size"] == "32"
-    assert json.loads(meta["identity"]) == ckpt["identity"] and meta["checkpoint"] == str(ckpt_path)
-    test = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "test", torch.device("cpu"))
-    probs, logits = session.run(["probabilities", "logits"], {"images": test["images"].permute(0, 2, 3, 1).numpy()})
-    expected = mpkd.predict(mpkd.load_model(ckpt, ckpt_path), test["images"], "fp32")
-    assert evaluate.onnx_agrees(logits, expected.numpy())["ok"]  # the export's own check, on the checkpoint's logits
-    assert np.abs(probs - torch.softmax(expected, 1).numpy()).max() < 1e-4  # these students' logits are small
-    assert (probs.argmax(1) == expected.argmax(1).numpy()).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
-
-
-@pytest.mark.parametrize("runtime", ["openvino", "cv2"])
-def test_the_exported_student_agrees_in_openvino_and_opencv(exported, student, data_dir, runtime):
-    lib = pytest.importorskip(runtime)
-    path = str(exported / "student.onnx")
-    test = mpkd.load_part(mpkd.load_dataset(data_dir, 32, "tile", 0, 0.2, 0.2), "test", torch.device("cpu"))
-    tiles = test["images"].permute(0, 2, 3, 1).contiguous().numpy()  # uint8 (N, S, S, 3), as the file takes
-    if runtime == "openvino":  # the lines of docs/deploy.md: f32 asked for (bf16 is its default on some CPUs)
-        model = lib.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        out = model(tiles)
-        probs, logits = (out[model.output(name)] for name in ("probabilities", "logits"))
-    else:  # OpenCV DNN, outputs fetched by name (getUnconnectedOutLayersNames has its own order)
-        net = lib.dnn.readNetFromONNX(path)
-        net.setInput(tiles)
-        probs, logits = net.forward(["probabilities", "logits"])
-    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
-    expected = mpkd.predict(mpkd.load_model(ckpt, student), test["images"], "fp32")
-    assert evaluate.onnx_agrees(logits, expected.numpy())["ok"]  # what the export checks in ONNX Runtime
-    assert probs.shape == expected.shape and np.abs(probs - torch.softmax(expected, 1).numpy()).max() < 1e-4
-
-
-def test_the_export_check_allows_float_rounding_at_the_logits_scale_and_nothing_more():
-    """Logits of hundreds (a student trained briefly from scratch) round to a few thousandths in
-    float32; where two classes are close that moves probabilities by more than 1e-4, and the check
-    must not refuse a right file for it. An error of one hundredth of the logits' scale, or another
-    class, is refused."""
-    rng = np.random.default_rng(0)
-    expected = (rng.normal(0, 100, (80, 8)) + 300 * np.eye(8)[np.arange(80) % 8]).astype(np.float32)
-    expected[0, :2] = [330.0, 329.99]  # two classes 0.01 apart: a rounding of 0.002 moves p by ~5e-4
-    rounded = expected + np.float32(0.002) * rng.choice([-1, 1], expected.shape).astype(np.float32)
-    rounded[0, :2] = [330.002, 329.988]
-    p = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
-    assert np.abs(p(rounded) - p(expected)).max() > 1e-4  # what the probability bound refused
-    check = evaluate.onnx_agrees(rounded, expected)
-    assert check["ok"] and check["same"] and check["scale"] == pytest.approx(np.abs(expected).max())
-    off = np.float32(1.01) * expected  # a real error, 1% of every logit: the same classes, refused
-    assert evaluate.onnx_agrees(off, expected) == {"ok": False, "same": True, "scale": check["scale"],
-                                                   "worst": pytest.approx(0.01 * check["scale"], rel=1e-3)}
-    swapped = expected.copy()
-    swapped[0, :2] = [329.99, 330.0]  # within the tolerance, but the other class wins
-    assert not evaluate.onnx_agrees(swapped, expected)["ok"] and not evaluate.onnx_agrees(swapped, expected)["same"]
-    small = expected / (2 * np.abs(expected).max())  # logits within 0.5: the tolerance never drops below 1e-4
-    assert evaluate.onnx_agrees(small + np.float32(5e-5), small)["ok"] and not evaluate.onnx_agrees(small + np.float32(5e-4), small)["ok"]
-
-
-def test_a_disagreeing_export_is_an_error_and_writes_nothing(student, data_dir, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    monkeypatch.setattr(evaluate, "ONNX_TOLERANCE", -1.0)  # no difference, not even zero, is allowed
-    with pytest.raises(mpkd.UserError, match="disagrees with PyTorch .* the checkpoint is unaffected .* please report it .* was not written"):
-        evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--device", "cpu",
-                                         "--export", str(tmp_path / "s.onnx")]))
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_images_with_the_onnx_file_equals_the_checkpoint(exported, student, data_dir, tmp_path):
-    folder = tmp_path / "tiles"
-    folder.mkdir()
-    for f in sorted(data_dir.rglob("*.png"))[:12]:
-        (folder / f.name).write_bytes(f.read_bytes())
-    for model, out in ((student, "ckpt.csv"), (exported / "student.onnx", "onnx.csv")):
-        evaluate.main(evaluate.get_args([str(model), "--images", str(folder), "--tta", "--device", "cpu",
-                                         "--predictions", str(tmp_path / out)]))
-    a, b = _csv(tmp_path / "ckpt.csv"), _csv(tmp_path / "onnx.csv")
-    assert [r["predicted"] for r in a] == [r["predicted"] for r in b] and len(a) == 12
-    cols = [k for k in a[0] if k.startswith("p_")]
-    assert all(float(x[c]) == pytest.approx(float(y[c]), abs=1e-5) for x, y in zip(a, b) for c in cols)
-
-
-@pytest.fixture(scope="module")
-def steady_model(map_model):
-    """map_model's student trained again in batches of 32: 100% on its 80 test tiles, and it keeps
-    its class when pixels move by one grey level (map_model, in batches of 8, does not: 93.75%)."""
-    out = map_model.parent / "steady.pt"
-    distill.main(distill.get_args(["--data", str(map_model.parent / "d"), "--distill-weight", "0", "--teacher-logits",
-                                   str(map_model.parent / "none.pt"), "--out", str(out), "--epochs", "10",
-                                   "--step-size", "3", "--img-size", "32", "--batch-size", "32", "--device", "cpu"]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def int8(steady_model, tmp_path_factory):
-    """steady_model written as an int8 file by evaluate.py --export --int8 --benchmark, and what
-    the command printed."""
-    pytest.importorskip("onnxruntime")
-    out = tmp_path_factory.mktemp("int8") / "student.int8.onnx"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        evaluate.main(evaluate.get_args([str(steady_model), "--device", "cpu", "--export", str(out), "--int8",
-                                         "--benchmark"]))
-    return out, printed.getvalue()
-
-
-def _test_tiles(model):
-    """The test part of a checkpoint trained with the default split at 32 px, in the folder it records."""
-    data = mpkd.load_dataset(mpkd.load_file(model, mpkd.CHECKPOINT_FORMAT)["args"]["data"], 32, "tile", 0, 0.2, 0.2)
-    return mpkd.load_part(data, "test", torch.device("cpu"))
-
-
-def test_int8_file_agrees_with_the_fp32_network_and_records_its_check(int8, steady_model):
-    import onnxruntime as ort
-    path, printed = int8
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    [inp] = session.get_inputs()
-    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
-    assert [(o.name, o.shape[1]) for o in session.get_outputs()] == [("probabilities", 4), ("logits", 4)]
-    student, test = steady_model, _test_tiles(steady_model)
-    probs = session.run(["probabilities"], {"images": test["images"].permute(0, 2, 3, 1).numpy()})[0]
-    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
-    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, student), test["images"], "fp32"), 1).numpy()
-    labels = test["labels"].numpy()
-    agreement = (probs.argmax(1) == expected.argmax(1)).mean()
-    accuracy, accuracy32 = 100 * (probs.argmax(1) == labels).mean(), 100 * (expected.argmax(1) == labels).mean()
-    assert agreement >= evaluate.INT8_AGREEMENT and abs(accuracy - accuracy32) <= evaluate.INT8_ACCURACY_POINTS
-    meta = session.get_modelmeta().custom_metadata_map
-    assert meta["precision"] == "int8" and json.loads(meta["quantisation"]) == evaluate.INT8_SETTINGS
-    assert json.loads(meta["classes"]) == ckpt["identity"]["classes"] and meta["img_size"] == "32"
-    assert meta["mpkd_format"] == evaluate.ONNX_FORMAT and meta["checkpoint_sha256"] == mpkd.file_fingerprint(student)
-    check = json.loads(meta["int8_check"])  # the gate's figures, recorded: they are those computed here
-    assert len(labels) == 80 and 95 < accuracy32  # a trained model, not one at chance
-    assert check["tiles"] == len(labels) and check["agreement"] == pytest.approx(agreement)
-    assert check["accuracy_int8"] == pytest.approx(accuracy) and check["accuracy_fp32"] == pytest.approx(accuracy32)
-    assert check["max_abs_diff"] == pytest.approx(np.abs(probs - expected).max(), abs=1e-4)
-    assert f"top-1 agreement with the fp32 network {100 * agreement:.2f}% of {len(labels)} test tiles" in printed
-    fp32 = evaluate.checked_onnx(ckpt, student, mpkd.load_model(ckpt, student).eval(), test)["bytes"]
-    assert path.stat().st_size < fp32 / 3  # int8 weights, and the merged convolutions' zeros left out
-
-
-def test_int8_kernels_compute_what_the_file_says_on_this_cpu(int8, steady_model):
-    """ONNX Runtime's fused int8 kernels against the file's own QDQ graph computed operator by
-    operator in float (no graph optimisation): the same classes, 20 dB apart at least. On x86 CPUs
-    without VNNI the u8s8 kernels add pairs of products in int16, and full-range int8 weights
-    saturate them (docs/deploy.md: 7 dB and 91% of tiles on a 112 px student); weights within
-    -64..64 cannot."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-    path, _ = int8
-    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
-    tiles = evaluate.tiles_nhwc(_test_tiles(steady_model)["images"])
-    logits = []
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        logits.append(session.run(["logits"], {"images": tiles})[0])
-    kernels, graph = logits
-    assert (kernels.argmax(1) == graph.argmax(1)).all()
-    assert 10 * np.log10((graph ** 2).sum() / ((kernels - graph) ** 2).sum()) > 20
-
-
-def test_cpu_features_name_vnni_or_its_absence(tmp_path):
-    """The benchmark's CPU line: the instruction sets int8 speed and, without VNNI, int8 arithmetic
-    depend on (INT8_SETTINGS), read from cpuinfo as x86 Linux writes it."""
-    info = tmp_path / "cpuinfo"
-    for flags, expected in (("fpu sse avx avx2 fma", "AMD EPYC: avx2, no VNNI"),
-                            ("avx2 avx512f avx512_vnni avx512_bf16", "AMD EPYC: avx2, avx512f, avx512_vnni, avx512_bf16"),
-                            ("avx2 avx_vnni", "AMD EPYC: avx2, avx_vnni")):
-        info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-        assert evaluate.cpu_features(info) == expected
-    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # aarch64: no x86 flags to name
-    assert evaluate.cpu_features(info) == "CPU"
-    assert evaluate.cpu_features(tmp_path / "gone") == "not known"
-
-
-def test_int8_calibration_is_training_tiles_never_test_tiles(int8, steady_model):
-    import onnxruntime as ort
-    data = mpkd.load_dataset(steady_model.parent / "d", 32, "tile", 0, 0.2, 0.2)
-    tiles, calibrated = evaluate.calibration_tiles(data, 32)
-    train, test = ({data["files"][i] for i in data["split"][part]} for part in ("train", "test"))
-    assert set(calibrated["files"]) <= train and not set(calibrated["files"]) & test
-    assert len(tiles) == 2 * calibrated["tiles"] and (tiles[calibrated["tiles"]:] == tiles[:calibrated["tiles"], :, ::-1]).all()
-    recorded = json.loads(ort.InferenceSession(str(int8[0]), providers=["CPUExecutionProvider"])
-                          .get_modelmeta().custom_metadata_map["calibration"])
-    assert recorded == {k: v for k, v in calibrated.items() if k != "files"}  # the fingerprints of these tiles
-    test_tiles = evaluate.tiles_nhwc(mpkd.load_part(data, "test", torch.device("cpu"))["images"])
-    assert hashlib.sha256(test_tiles.tobytes()).hexdigest()[:16] != recorded["pixels_sha256"]
-
-
-def test_int8_network_compaction_and_padding_change_nothing_but_rounding(map_model):
-    """The int8 file's float network (stem reading raw pixels) equals the checkpoint's; leaving the
-    merged convolutions' zeros out of the file, and growing the blocks whose depthwise convolutions
-    have 72 and 360 channels to 80 and 368, change not one output."""
-    import onnxruntime as ort
-    for name in ("mixnet_s", "mixnet_l"):
-        torch.manual_seed(0)
-        model = mpkd.build_mixnet(name, 8, pretrained=False).eval()
-        with torch.no_grad():  # BatchNorm away from (0, 1), so a wrong fold shows
-            for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
-        tiles = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
-        raw = evaluate.int8_network(model, 48)
-        assert isinstance(raw, evaluate.RawDeployable)
-        got, expected = (evaluate.reference_probabilities(m, tiles) for m in (raw, evaluate.Deployable(model).eval()))
-        assert np.abs(got - expected).max() < 1e-4
-    ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)
-    network = evaluate.int8_network(mpkd.load_model(ckpt, map_model).eval(), 32)
-    tiles = evaluate.tiles_nhwc(_test_tiles(map_model)["images"])
-    compact = evaluate.quantise(network, 32, tiles)
-    made = {}
-    for step in ("compact_weights", "pad_depthwise"):
-        kept = getattr(evaluate, step)
-        setattr(evaluate, step, lambda proto, *rest: None)
-        try:
-            made[step] = evaluate.quantise(network, 32, tiles)
-        finally:
-            setattr(evaluate, step, kept)
-    whole, unpadded = made["compact_weights"], made["pad_depthwise"]
-    outputs = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": tiles})
-               for p in (compact, whole, unpadded)]
-    assert all((a == b).all() and (a == c).all() for a, b, c in zip(*outputs))
-    assert compact.ByteSize() < whole.ByteSize() - 100_000  # MixNet-S's zeros: 0.66 million int8 weights
-    assert {"Pad", "Concat"} <= {n.op_type for n in compact.graph.node}
-
-    def depthwise(proto):  # (channels, kernel) of each depthwise convolution
-        attributes = ({a.name: a for a in n.attribute} for n in proto.graph.node if n.op_type == "Conv")
-        return sorted((a["group"].i, max(a["kernel_shape"].ints)) for a in attributes if "group" in a and a["group"].i > 1)
-    assert depthwise(unpadded).count((360, 9)) == 2 and (72, 3) in depthwise(unpadded)
-    assert depthwise(compact) == sorted((c + -c % 16, k) for c, k in depthwise(unpadded))
-
-
-def _int8_block(channels: int, gate=None):
-    """A hand-made QDQ graph of one inverted-residual block on uint8 (1, 8, 5, 5) inputs: 1x1
-    convolution to `channels`, 3x3 depthwise, 1x1 back to 8, each output quantised; with `gate`
-    (an array) its depthwise output multiplied by that constant first."""
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    inits, nodes = [], []
-
-    def constant(name, value):
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def dq(x, name):
-        nodes.append(helper.make_node("DequantizeLinear", [x, constant(name + "_s", np.float32(0.05)),
-                                                          constant(name + "_z", np.uint8(128))], [name]))
-        return name
-
-    def q(x, name):
-        nodes.append(helper.make_node("QuantizeLinear", [x, name + "_s", name + "_z"], [name + "_q"]))
-        return name + "_q"
-
-    def conv(x, name, shape, group=1):
-        w = constant(name + "_w", rng.integers(-64, 65, shape).astype(np.int8))
-        scale = constant(name + "_ws", np.full(shape[0], 0.01, np.float32))
-        zero = constant(name + "_wz", np.zeros(shape[0], np.int8))
-        b = constant(name + "_b", rng.integers(-500, 500, shape[0]).astype(np.int32))
-        bscale = constant(name + "_bs", np.full(shape[0], 0.0005, np.float32))
-        bzero = constant(name + "_bz", np.zeros(shape[0], np.int32))
-        nodes.extend([helper.make_node("DequantizeLinear", [w, scale, zero], [w + "_f"], axis=0),
-                      helper.make_node("DequantizeLinear", [b, bscale, bzero], [b + "_f"], axis=0),
-                      helper.make_node("Conv", [x, w + "_f", b + "_f"], [name], group=group,
-                                       pads=[shape[-1] // 2] * 4, name=name)])
-        constant(name + "_s", np.float32(0.05)), constant(name + "_z", np.uint8(128))
-        return q(name, name)
-
-    x = conv(dq("images", "x"), "expand", (channels, 8, 1, 1))
-    x = conv(dq(x, "x1"), "depthwise", (channels, 1, 3, 3), group=channels)
-    if gate is not None:
-        nodes.append(helper.make_node("Mul", [dq(x, "x2"), constant("gate", gate)], ["gated"]))
-        constant("gated_s", np.float32(0.05)), constant("gated_z", np.uint8(128))
-        x = q("gated", "gated")
-    y = conv(dq(x, "x3"), "project", (8, channels, 1, 1))
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 8, 5, 5])],
-                              [helper.make_tensor_value_info(y, TensorProto.UINT8, [1, 8, 5, 5])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def test_depthwise_padding_grows_a_whole_block_and_leaves_one_it_cannot_follow():
-    """pad_depthwise on a block of 24 channels: every convolution grows to 32 (the first's outputs,
-    the depthwise kernels, the last's inputs, zeros all), the output is the same to the bit; a
-    block whose channels meet a constant (a Mul by one, here) is left exactly as it was."""
-    import onnxruntime as ort
-    from onnx import numpy_helper
-    images = np.random.default_rng(1).integers(0, 256, (1, 8, 5, 5), dtype=np.uint8)
-    run = lambda proto: ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"images": images})[0]
-    block = _int8_block(24)
-    before = run(block)
-    evaluate.pad_depthwise(block)
-    weights = {t.name: numpy_helper.to_array(t) for t in block.graph.initializer}
-    assert [weights[k].shape for k in ("expand_w", "depthwise_w", "project_w")] == [(32, 8, 1, 1), (32, 1, 3, 3), (8, 32, 1, 1)]
-    assert not weights["expand_w"][24:].any() and not weights["depthwise_w"][24:].any() and not weights["project_w"][:, 24:].any()
-    assert (weights["expand_ws"][24:] == 1).all() and not weights["expand_b"][24:].any()
-    assert next(a.i for n in block.graph.node if n.name == "depthwise" for a in n.attribute if a.name == "group") == 32
-    assert len(np.unique(before)) > 10 and (run(block) == before).all()
-    gated = _int8_block(24, gate=np.ones((1, 24, 1, 1), np.float32))
-    unchanged = gated.SerializeToString()
-    evaluate.pad_depthwise(gated)
-    assert gated.SerializeToString() == unchanged
-
-
-def test_int8_gate_refuses_a_file_that_disagrees_and_writes_nothing(steady_model, tmp_path, monkeypatch):
-    """The steady student (whose int8 file passes) calibrated on grey tiles instead of its training
-    tiles: every range comes from one colour, the file keeps few classes, and the gate refuses it."""
-    pytest.importorskip("onnxruntime")
-    training = evaluate.calibration_tiles
-
-    def grey(data, size):
-        tiles, calibrated = training(data, size)
-        return np.full_like(tiles, 128), calibrated
-
-    monkeypatch.setattr(evaluate, "calibration_tiles", grey)
-    out = tmp_path / "s.int8.onnx"
-    with pytest.raises(mpkd.UserError) as err:
-        evaluate.main(evaluate.get_args([str(steady_model), "--device", "cpu", "--export", str(out), "--int8"]))
-    message = str(err.value)
-    assert "too far from the fp32 one: top-1 agreement with the fp32 network" in message
-    assert "settings: format QDQ" in message and f"{out} was not written (the fp32 file, --export without" in message
-    agreement, kept = (float(x) for x in re.search(r"network ([\d.]+)% of 80 .* on ([\d.]+)% of them", message).groups())
-    assert agreement < 100 * evaluate.INT8_AGREEMENT and kept == 100  # the calibration, not the network
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_int8_bad_inputs_are_one_line_errors(student, data_dir, tmp_path):
-    with pytest.raises(mpkd.UserError, match="--int8 quantises the file --export writes: pass --export"):
-        evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--int8"]))
-    ckpt = torch.load(student, weights_only=False)
-    ckpt["args"]["data"] = str(tmp_path / "gone")  # the training tiles' folder is not on this machine
-    torch.save(ckpt, tmp_path / "moved.pt")
-    with pytest.raises(mpkd.UserError, match="is not here .*; pass --data DIR"):
-        evaluate.main(evaluate.get_args([str(tmp_path / "moved.pt"), "--device", "cpu",
-                                         "--export", str(tmp_path / "s.int8.onnx"), "--int8"]))
-    assert not (tmp_path / "s.int8.onnx").exists()
-
-
-def test_images_with_the_int8_file(int8, steady_model, tmp_path):
-    import onnxruntime as ort
-    folder = tmp_path / "tiles"
-    folder.mkdir()
-    files = sorted((steady_model.parent / "d").rglob("*.png"))[::40]
-    names = [f"{f.parent.name}_{f.name}" for f in files]
-    for f, name in zip(files, names):
-        (folder / name).write_bytes(f.read_bytes())
-    evaluate.main(evaluate.get_args([str(int8[0]), "--images", str(folder), "--device", "cpu",
-                                     "--predictions", str(tmp_path / "p.csv")]))
-    rows = _csv(tmp_path / "p.csv")
-    tiles = evaluate.tiles_nhwc(mpkd.load_images(folder, names, 32))
-    probs = ort.InferenceSession(str(int8[0]), providers=["CPUExecutionProvider"]).run(["probabilities"], {"images": tiles})[0]
-    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
-    assert [r["file"] for r in rows] == names and len(rows) == 10
-    assert [r["predicted"] for r in rows] == [classes[i] for i in probs.argmax(1)]
-    assert all(float(r[f"p_{c}"]) == pytest.approx(float(p[j]), abs=1e-5) for r, p in zip(rows, probs)
-               for j, c in enumerate(classes))
-
-
-def test_int8_lines_name_the_fastest_run_only_among_those_that_keep_the_classes():
-    """A faster run that moves more than 1% of the classes (here the int8 file in OpenVINO) is not
-    named fastest; the fastest run that keeps them is, with its ratio to the fp32 file."""
-    run = lambda throughput, agreement: {"latency_ms": 1.0, "throughput": throughput, "agreement": agreement}
-    exported = {"path": "s.int8.onnx", "bytes": 3_000_000, "fp32": {"bytes": 13_000_000},
-                "calibration": {"tiles": 256, "pixels_sha256": "0" * 16},
-                "figures": {"tiles": 80, "agreement": 1.0, "accuracy_int8": 100.0, "accuracy_fp32": 100.0,
-                            "max_abs_diff": 0.01, "fp32_one_grey_level": 1.0},
-                "benchmark": {"ONNX Runtime fp32 file": run(500.0, 1.0), "ONNX Runtime int8 file": run(650.0, 0.9875),
-                              "OpenVINO int8 file": run(900.0, 0.975), "OpenVINO fp32 file, default precision (bf16)": run(800.0, 0.99)}}
-    lines = evaluate.int8_lines("MixNet-S", exported)
-    assert lines[-1] == ("  fastest at batch 64 among those keeping 99% of the classes: "
-                         "OpenVINO fp32 file, default precision (bf16) (1.60x ONNX Runtime fp32)")
-    exported["benchmark"]["OpenVINO fp32 file, default precision (bf16)"]["agreement"] = 0.98
-    assert evaluate.int8_lines("MixNet-S", exported)[-1].endswith(": ONNX Runtime fp32 file (1.00x ONNX Runtime fp32)")
-
-
-def test_int8_benchmark_and_openvino_parity(int8, steady_model):
-    path, printed = int8
-    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"  (ONNX Runtime \w+ file|OpenVINO [\w ,()]+?) +batch-1 +([\d.]+) ms, +([\d.]+) img/s at batch 64 \(([\d.]+)x "
-        r"ONNX Runtime fp32\), top-1 agreement ([\d.]+)%", printed)}
-    fp32, int8 = rows["ONNX Runtime fp32 file"], rows["ONNX Runtime int8 file"]
-    assert fp32[2] == "1.00" and float(int8[2]) == pytest.approx(float(int8[1]) / float(fp32[1]), abs=0.01)
-    gate = re.search(r"top-1 agreement with the fp32 network ([\d.]+)%", printed).group(1)
-    assert int8[3] == gate and fp32[3] == "100.00"  # the same file on the same tiles as the gate
-    assert f"on the CPU ({evaluate.cpu_features()}), taking turns" in printed  # int8 speed depends on it
-    kept = {name: float(r[1]) for name, r in rows.items() if float(r[3]) >= 100 * evaluate.INT8_AGREEMENT}
-    fastest = max(kept, key=kept.get)
-    assert f"among those keeping 99% of the classes: {fastest} ({rows[fastest][2]}x ONNX Runtime fp32)" in printed
-    ov = pytest.importorskip("openvino")
-    model = ov.Core().compile_model(str(path), "CPU")  # the int8 file as it is: OpenVINO's int8 kernels
-    student, test = steady_model, _test_tiles(steady_model)
-    probs = model(test["images"].permute(0, 2, 3, 1).contiguous().numpy())[model.output("probabilities")]
-    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
-    expected = torch.softmax(mpkd.predict(mpkd.load_model(ckpt, student), test["images"], "fp32"), 1).numpy()
-    assert (probs.argmax(1) == expected.argmax(1)).mean() >= evaluate.INT8_AGREEMENT
-    assert {"OpenVINO int8 file", "OpenVINO fp32 file, f32"} <= set(rows)
-    assert any(re.fullmatch(r"OpenVINO fp32 file, default precision \((f32|bf16|f16)\)", row) for row in rows)
-
-
-@pytest.mark.parametrize("name", ["mixnet_s", "mixnet_l"])
-def test_merged_mixed_convs_compute_what_the_network_computes(name):
-    torch.manual_seed(0)
-    model = mpkd.build_mixnet(name, 8, pretrained=False).eval()
-    with torch.no_grad():  # BatchNorm statistics away from (0, 1), so a wrong channel order shows
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
-    merged = evaluate.merge_mixed_convs(model).eval()
-    kinds = lambda m: {type(x).__name__ for x in m.modules()}
-    assert "MixedConv2d" in kinds(model) and "MixedConv2d" not in kinds(merged)  # all merged, original kept
-    x = torch.randn(3, 3, 48, 48)
-    with torch.inference_mode():
-        want, got = model(x), merged(x)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    strides = [torch.nn.Conv2d(4, 4, k, stride, k // 2, groups=4, bias=False) for k, stride in ((3, 1), (5, 2))]
-    assert evaluate._one_conv(strides) is None  # different strides: no single convolution computes both
-    unequal = [torch.nn.Conv2d(c, o, 1, bias=False) for c, o in ((3, 6), (5, 2))]  # pointwise parts
-    dense, x = evaluate._one_conv(unequal), torch.randn(2, 8, 5, 5)
-    assert (dense.kernel_size, dense.groups) == ((1, 1), 1)  # one dense 1x1 conv, block-diagonal weight
-    assert not dense.weight[:6, 3:].any() and not dense.weight[6:, :3].any()  # zeros off the blocks
-    with torch.no_grad():
-        assert torch.allclose(dense(x), torch.cat([unequal[0](x[:, :3]), unequal[1](x[:, 3:])], 1), atol=1e-6)
-    depthwise = evaluate._one_conv([torch.nn.Conv2d(2, 2, k, 1, k // 2, groups=2, bias=False) for k in (3, 5)])
-    assert (depthwise.kernel_size, depthwise.groups, depthwise.padding) == ((5, 5), 4, (2, 2))
-
-
-def test_onnx_logits_classify_every_image_once_in_order_across_chunks(exported):
-    session, meta = evaluate.open_onnx(exported / "student.onnx")
-    n, size = 2 * evaluate.ONNX_CHUNK + 3, int(meta["img_size"])  # two whole calls and a short one
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    one_by_one = [session.run(["logits"], {"images": img.permute(1, 2, 0)[None].numpy()})[0][0] for img in images]
-    got = evaluate.onnx_logits(session, images)
-    assert got.shape == (n, len(json.loads(meta["classes"])))
-    assert np.allclose(got.numpy(), np.stack(one_by_one), atol=1e-4)
-
-
-def test_onnx_benchmark_times_both_runtimes_and_leaves_the_model_alone(exported, student):
-    import onnxruntime as ort
-    ckpt = mpkd.load_file(student, mpkd.CHECKPOINT_FORMAT)
-    model = mpkd.load_model(ckpt, student)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    session = ort.InferenceSession(str(exported / "student.onnx"), providers=["CPUExecutionProvider"])
-    result = evaluate.onnx_benchmark(session, model, 32, repeats=2)
-    assert {k: set(v) for k, v in result.items()} == {r: {"latency_ms", "throughput"} for r in ("onnx", "eager")}
-    assert all(x > 0 and math.isfinite(x) for v in result.values() for x in v.values())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    line = evaluate.export_lines("MixNet-S", {"path": "s.onnx", "bytes": 1, "size": 32, "tiles_checked": 8,
-                                              "max_abs_diff": 0.0, "max_logit_diff": 0.0, "benchmark": result})[-1]
-    ratio = result["onnx"]["throughput"] / result["eager"]["throughput"]
-    assert line.startswith("MixNet-S on the CPU, ONNX Runtime") and line.endswith(f"({ratio:.2f}x throughput)")
-
-
-def test_the_exported_graph_has_no_split_or_concat(exported):
-    onnx = pytest.importorskip("onnx")
-    ops = {n.op_type for n in onnx.load(exported / "student.onnx").graph.node}
-    assert "Conv" in ops and not ops & {"Split", "Concat"}
-
-
-def test_corrupt_or_foreign_onnx_files_are_clear_errors(exported, tmp_path):
-    onnx = pytest.importorskip("onnx")
-    blob = (exported / "student.onnx").read_bytes()
-    (tmp_path / "cut.onnx").write_bytes(blob[: len(blob) // 3])
-    (tmp_path / "tiles").mkdir()
-    Image.new("RGB", (32, 32)).save(tmp_path / "tiles" / "a.png")
-    proc = _script("evaluate.py", tmp_path / "cut.onnx", "--images", tmp_path / "tiles", cwd=tmp_path)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "not a readable ONNX model" in err and err.strip().count("\n") == 0
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "foreign",
-                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
-    with pytest.raises(mpkd.UserError, match="not one written by evaluate.py --export"):
-        evaluate.main(evaluate.get_args([str(tmp_path / "f.onnx"), "--images", str(tmp_path / "tiles")]))
-
-
-def test_export_without_the_onnx_packages_is_one_clear_line(student, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(mpkd.UserError, match="pip install onnx onnxscript onnxruntime"):
-        evaluate.main(evaluate.get_args([str(student), "--data", str(data_dir), "--export", str(tmp_path / "s.onnx")]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Tissue maps
-
-
-def _standin_tile(c, size, rng, noise=20):
-    """A tile of stand-in class c, as make_standin draws them; c = -1 is glass (background)."""
-    colour = (np.array([245, 245, 245]) if c < 0 else
-              np.array([(c * 70) % 256, (c * 150 + 40) % 256, (255 - c * 60) % 256]))
-    return np.clip(colour + rng.normal(0, 3 if c < 0 else noise, (size, size, 3)), 0, 255).astype(np.uint8)
-
-
-def _layout_pixels(layout, tile, seed=1, noise=5):
-    rng = np.random.default_rng(seed)
-    return np.concatenate([np.concatenate([_standin_tile(c, tile, rng, noise) for c in row], 1) for row in layout], 0)
-
-
-LAYOUT = np.array([[0, 1, 2, 3, 0, 1, 2, -1],
-                   [3, 3, 0, 0, 1, 1, 2, -1],
-                   [2, 1, 0, 3, 2, 1, 0, -1],
-                   [1, 2, 3, 0, 1, 2, 3, -1],
-                   [-1, -1, -1, 2, 2, 3, 3, -1],
-                   [0, 0, 1, 1, 2, 2, 3, 3]])
-
-
-@pytest.fixture(scope="module")
-def map_model(tmp_path_factory):
-    """A student that knows the four stand-in colours, trained on 40 px tiles at 0.495 um/px."""
-    root, rng = tmp_path_factory.mktemp("mapdata"), np.random.default_rng(0)
-    for c in range(4):  # the stand-in's colours with less noise: 10 epochs of 100 tiles learn them
-        (root / "d" / f"{c + 1:02d}_CLASS{c}").mkdir(parents=True)
-        for i in range(100):
-            Image.fromarray(_standin_tile(c, 40, rng, 5)).save(root / "d" / f"{c + 1:02d}_CLASS{c}" / f"{i}.png")
-    distill.main(distill.get_args(["--data", str(root / "d"), "--distill-weight", "0", "--teacher-logits",
-                                   str(root / "none.pt"), "--out", str(root / "s.pt"), "--epochs", "10",
-                                   "--step-size", "3", "--img-size", "32", "--batch-size", "8", "--device", "cpu"]))
-    return root / "s.pt"
-
-
-def _layout_found(model, rows, window):
-    """(classes, {(column, row): class index} from a tiles CSV with windows of `window` pixels,
-    {(column, row): class index} of LAYOUT's tissue tiles)."""
-    classes = sorted(p.name for p in (model.parent / "d").iterdir() if p.is_dir())
-    got = {(int(r["x"]) // window, int(r["y"]) // window): classes.index(r["class"]) for r in rows}
-    truth = {(x, y): LAYOUT[y, x] for y in range(LAYOUT.shape[0]) for x in range(LAYOUT.shape[1]) if LAYOUT[y, x] >= 0}
-    return classes, got, truth
-
-
-def _map(model, target, out, *extra):
-    return evaluate.main(evaluate.get_args([str(model), "--map", str(target), "--out-dir", str(out),
-                                            "--device", "cpu", *map(str, extra)]))
-
-
-def test_window_and_level_arithmetic():
-    # a 40x slide (0.25 um/px, downsamples 1, 4, 16) for a model of 150 px at 0.495 um/px shown at 112 px
-    assert mpkd.pick_level([1, 4, 16], 0.25, 150 * 0.495 / 112) == 0  # level 1 (1.0 um/px) is too coarse
-    assert mpkd.pick_level([1, 2, 4, 8], 0.25, 150 * 0.495 / 112) == 1  # 0.5 um/px: the coarsest fine enough
-    assert mpkd.pick_level([1, 2], 0.5, 0.5) == 0 and mpkd.pick_level([1, 2], 0.2495, 0.495) == 1  # 1% slack
-    assert mpkd.pick_level([1, 4], 1.0, 0.5) == 0  # coarser than needed already: the finest there is
-    origins = mpkd.window_origins(100, 70, 30, 10)
-    assert len(origins) == 8 * 5 and origins[0].tolist() == [0, 0] and origins[-1].tolist() == [70, 40]
-    assert mpkd.cell_grid(100, 70, 10) == (7, 10) and mpkd.cell_grid(101, 70, 10) == (7, 11)
-    cells = mpkd.window_cells(np.array([[0, 0], [70, 40]]), 30, 10)
-    assert cells.tolist() == [[0, 3, 0, 3], [4, 7, 7, 10]]  # a third of a window: 3 x 3 cells
-    assert mpkd.window_cells(np.array([[150, 300]]), 150, 150).tolist() == [[2, 3, 1, 2]]
-    # a run of windows at odd level-0 positions, read from a level at half the resolution
-    (x, y), offsets, span = mpkd.run_region(np.array([[33, 51], [94, 51], [155, 51]]), 2.0, 30)
-    assert (x, y) == (32, 52) and offsets == [0, 31, 62] and span == 92  # whole level pixels, nearest
-
-
-def test_overlapping_windows_are_averaged_per_cell():
-    sums, counts = np.zeros((2, 3, 2), np.float32), np.zeros((2, 3), np.int32)
-    cells = mpkd.window_cells(np.array([[0, 0], [1, 0]]), 2, 1)  # two 2 x 2 windows, one cell apart
-    mpkd.accumulate(sums, counts, cells, np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
-    assert counts.tolist() == [[1, 2, 1], [1, 2, 1]]
-    mean = sums / counts[..., None]
-    assert mean[0, 0].tolist() == [1, 0] and mean[0, 1].tolist() == [0.5, 0.5] and mean[1, 2].tolist() == [0, 1]
-
-
-def test_tissue_threshold_and_mask():
-    values = np.concatenate([np.full(300, 5), np.full(100, 120)]).astype(np.uint8)
-    assert 5 <= mpkd.otsu_threshold(values) < 120
-    glass = np.full((4, 4, 3), 240, np.uint8)
-    pink = np.tile(np.array([230, 120, 200], np.uint8), (4, 4, 1))
-    assert mpkd.saturation(pink[:1, :1])[0, 0] == (230 - 120) * 255 // 230 and mpkd.saturation(glass).max() == 0
-    high, low = np.meshgrid(np.arange(256), np.arange(256))  # every (max, min) pair: PIL's HSV is the formula
-    pairs = np.stack([high, low, low], -1)[low <= high][None].astype(np.uint8)
-    formula = np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0)[low <= high]
-    assert mpkd.saturation(pairs)[0].tolist() == formula.tolist()
-    mask, threshold = mpkd.tissue_mask(np.concatenate([glass, pink], 1))
-    assert mask[:, :4].sum() == 0 and mask[:, 4:].all()
-    assert threshold == mpkd.TISSUE_SATURATION[0]  # Otsu's 0 (glass at 0, pink at 133) clipped up to 15
-    all_tissue, _ = mpkd.tissue_mask(np.concatenate([pink, pink // 2 + 60], 1))  # two stains, no glass
-    assert all_tissue.all()  # Otsu alone would split the tissue in two
-    share = mpkd.tissue_share(np.concatenate([np.zeros((4, 4), bool), np.ones((4, 4), bool)], 1), 0.5,
-                              np.array([[0, 0], [8, 0], [4, 0]]), 8)
-    assert share.tolist() == [0.0, 1.0, 0.5]
-
-
-def test_shards_cover_every_image_once_and_colours_are_fixed():
-    items = list(range(7))
-    parts = [mpkd.shard(items, f"{k}/3") for k in range(3)]
-    assert sorted(sum(parts, [])) == items and all(parts)
-    for bad in ("3/3", "1", "a/b"):
-        with pytest.raises(mpkd.UserError, match="must be K/N"):
-            mpkd.shard(items, bad)
-    assert mpkd.class_palette(["01_TUMOR", "TUM", "02_STROMA"])[:2] == [mpkd.CLASS_COLOURS["TUMOR"]] * 2
-
-
-@pytest.mark.parametrize("classes", [
-    [f"class {i}" for i in range(12)], [f"class {i}" for i in range(20)],
-    ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY",
-     "necrosis", "mucin", "nerve", "vessel"],  # Kather's fixed colours and four derived ones
-])
-def test_derived_class_colours_are_distinct_from_every_colour_on_the_map(classes):
-    # The threshold, CIE76 delta E 25: 2.3 is just noticeable side by side; the three greens a user
-    # could not tell apart on a map were 14 to 29 apart. A derived colour is that far from every other
-    # colour of the map (fixed ones, and the grey of unclassified cells, included).
-    palette = mpkd.class_palette(classes)
-    assert palette == mpkd.class_palette(classes)  # the same map, the same colours
-    derived = [i for i, c in enumerate(classes) if mpkd.class_key(c) not in mpkd.CLASS_COLOURS]
-    every = mpkd.lab(np.array(palette + [mpkd.UNCLASSIFIED]))
-    nearest = min(np.linalg.norm(every[i] - every[j]) for i in derived for j in range(len(every)) if j != i)
-    assert nearest >= mpkd.MIN_COLOUR_DISTANCE
-    assert np.allclose(mpkd.lab([255, 255, 255]), [100, 0, 0], atol=0.02)  # D65 white
-    assert np.allclose(mpkd.lab([255, 0, 0]), [53.24, 80.09, 67.20], atol=0.05)  # sRGB red, as tabulated
-
-
-def test_a_large_image_comes_back_as_its_layout(map_model, tmp_path, capsys):
-    Image.fromarray(_layout_pixels(LAYOUT, 40)).save(tmp_path / "big.tif", resolution_unit=3,
-                                                      resolution=1e4 / 0.495)  # pixels per cm
-    _map(map_model, tmp_path / "big.tif", tmp_path / "maps")
-    out = tmp_path / "maps"
-    assert {p.name for p in out.iterdir()} == {"big_map.png", "big_overlay.png", "big_tiles.csv", "big.geojson",
-                                                "big_summary.json"}
-    summary = json.loads((out / "big_summary.json").read_text())
-    assert summary["mpp"] == pytest.approx(0.495) and summary["window"]["level0_px"] == 40
-    assert summary["cells"] == {"rows": 6, "columns": 8, "classified": int((LAYOUT >= 0).sum())}  # glass skipped
-    rows = _csv(out / "big_tiles.csv")
-    classes, got, truth = _layout_found(map_model, rows, 40)
-    assert set(got) == set(truth)  # every tissue window where it is, no glass window
-    assert sum(got[k] == truth[k] for k in truth) >= 0.9 * len(truth)
-    ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)  # and each exactly what the model says of its tile
-    pixels = _layout_pixels(LAYOUT, 40)
-    order = sorted(truth, key=lambda k: (k[1], k[0]))  # row by row, as the windows
-    tiles = torch.from_numpy(np.stack([mpkd.model_input(Image.fromarray(pixels[y * 40:y * 40 + 40,
-                                                                                x * 40:x * 40 + 40]), 32)
-                                       for x, y in order]))
-    direct = mpkd.predict(mpkd.load_model(ckpt, map_model), tiles, "fp32").softmax(1)
-    assert [got[k] for k in order] == direct.argmax(1).tolist()
-    assert np.allclose([[float(r[f"p_{c}"]) for c in classes] for r in rows], direct.numpy(), atol=1e-4)
-    geo = json.loads((out / "big.geojson").read_text())
-    assert len(geo["features"]) == len(rows) == summary["windows"]["classified"]
-    first = geo["features"][0]
-    assert first["geometry"]["coordinates"][0][:3] == [[0, 0], [40, 0], [40, 40]]
-    assert first["properties"]["classification"]["name"] == rows[0]["class"]
-    assert sum(summary["class_fractions_by_area"].values()) == pytest.approx(1)
-    with Image.open(out / "big_map.png") as img:
-        assert img.width > 8 and img.height > 6
-    # a third of the window: each window covers 3 x 3 cells, averaged; the layout comes back per cell
-    _map(map_model, tmp_path / "big.tif", tmp_path / "third", "--stride", 0.495 * 40 / 4, "--no-mask")
-    third = json.loads((tmp_path / "third" / "big_summary.json").read_text())
-    assert third["cells"]["rows"] == 24 and third["windows"]["total"] == (24 - 3) * (32 - 3)
-    capsys.readouterr()
-    _map(map_model, tmp_path / "big.tif", tmp_path / "maps")  # done: skipped
-    assert "done before" in capsys.readouterr().out
-    stamp = (out / "big_summary.json").stat().st_mtime_ns
-    _map(map_model, tmp_path / "big.tif", tmp_path / "maps", "--overwrite")
-    assert (out / "big_summary.json").stat().st_mtime_ns != stamp
-
-
-def test_missing_mpp_is_named_and_the_other_images_go_on(map_model, tmp_path, capsys):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(folder / "a.png")  # PNG: no scale
-    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(folder / "b.tif", resolution_unit=3,
-                                                              resolution=1e4 / 0.495)
-    with pytest.raises(mpkd.UserError, match=r"1 of 2 images failed: a.png \(a.png records no microns per pixel: "
-                                             r"pass --image-mpp"):
-        _map(map_model, folder, tmp_path / "maps")
-    assert (tmp_path / "maps" / "b_summary.json").exists() and not (tmp_path / "maps" / "a_summary.json").exists()
-    b = json.loads((tmp_path / "maps" / "b_summary.json").read_text())
-    out = capsys.readouterr().out  # the run's own last line counts b's windows
-    assert re.search(rf"1 of 2 images mapped in [\d.]+ s, outputs included: {b['windows']['classified']} windows", out)
-    assert b["seconds"] >= b["setup_seconds"] > 0 and b["output_seconds"] > 0
-    _map(map_model, folder, tmp_path / "maps", "--image-mpp", 0.495)
-    assert "done before" in capsys.readouterr().out  # b was done already; a is done now
-    assert (tmp_path / "maps" / "a_summary.json").exists()
-
-
-def test_a_plain_image_too_large_to_hold_is_one_clear_line(map_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 80)  # PIL's limit (89 million pixels), scaled down
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name, layout in (("large.tif", LAYOUT[:2, :3]), ("huge.tif", LAYOUT[:4, :4])):  # 9600 and 25,600 px
-        Image.fromarray(_layout_pixels(layout, 40)).save(folder / name, resolution_unit=3, resolution=1e4 / 0.495)
-    with warnings.catch_warnings(record=True) as seen, pytest.raises(
-            mpkd.UserError, match=r"1 of 2 images failed: huge.tif \(huge.tif has more than 12,800 pixels in one "
-                                  r"piece, too many to hold whole: save it as a tiled, pyramidal TIFF"):
-        warnings.simplefilter("always")
-        _map(map_model, folder, tmp_path / "maps")
-    assert (tmp_path / "maps" / "large_summary.json").exists()  # above the warning's limit: mapped, no warning
-    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
-
-
-def test_windows_are_a_levels_own_pixels_not_interpolated(tmp_path):
-    tifffile = pytest.importorskip("tifffile")
-    openslide = pytest.importorskip("openslide")
-    rng = np.random.default_rng(0)
-    base, half = (rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for side in (512, 256))
-    with tifffile.TiffWriter(tmp_path / "noise.tif") as tif:  # noise: any interpolation shows
-        tif.write(base, tile=(128, 128), photometric="rgb", resolution=(1e4 / 0.25,) * 2, resolutionunit="CENTIMETER")
-        tif.write(half, tile=(128, 128), photometric="rgb", subfiletype=1)
-    reader = evaluate.Slide(tmp_path / "noise.tif", openslide)
-    origins = np.array([[33, 51], [94, 51], [155, 51], [401, 301]])  # odd: between two level-1 pixels
-    with evaluate.ThreadPoolExecutor(2) as pool:
-        got = torch.cat(list(evaluate.window_batches(reader, origins, {"level": 1, "read_px": 30, "stride": 61},
-                                                     24, pool)))
-    want = [mpkd.model_input(Image.fromarray(half[y:y + 30, x:x + 30]), 24) for x, y in np.rint(origins / 2).astype(int)]
-    assert np.array_equal(got.numpy(), np.stack(want))
-
-
-def test_an_images_windows_come_in_order_the_first_few_in_a_small_batch():
-    class Columns:  # each pixel holds its column, so a window shows where it was read
-        downsamples = [1.0]
-
-        def read(self, x, y, level, width, height):
-            row = (np.arange(x, x + width) % 256).astype(np.uint8)
-            return Image.fromarray(np.repeat(np.repeat(row[None, :, None], height, 0), 3, 2))
-
-    origins = np.array([[x, 0] for x in range(0, 400 * 4, 4)])
-    plan = {"level": 0, "read_px": 4, "stride": 4}
-    with evaluate.ThreadPoolExecutor(2) as pool:
-        batches = list(evaluate.window_batches(Columns(), origins, plan, 4, pool))
-        assert list(evaluate.window_batches(Columns(), origins[:0], plan, 4, pool)) == []
-    first, full = evaluate.MAP_BATCH // 4, evaluate.MAP_BATCH
-    assert [len(b) for b in batches] == [first, full, 400 - first - full]
-    assert torch.cat(batches)[:, 0, 0, 0].tolist() == [x % 256 for x in origins[:, 0]]
-
-
-def test_a_tiff_in_strips_is_a_plain_image_without_openslide(tmp_path, monkeypatch):
-    Image.new("RGB", (300, 200), (200, 40, 90)).save(tmp_path / "strips.tif", resolution_unit=3, resolution=1e4 / 0.5)
-    monkeypatch.setattr(evaluate, "import_openslide", lambda: pytest.fail("OpenSlide imported for a TIFF in strips"))
-    reader = evaluate.open_map_image(tmp_path / "strips.tif")
-    assert isinstance(reader, evaluate.PlainImage) and reader.mpp == pytest.approx(0.5)
-    assert reader.thumbnail(100).size == (100, 67) and reader.thumbnail(1024).size == (300, 200)  # never enlarged
-    (tmp_path / "broken.tif").write_bytes(b"II*\0")  # a header, nothing more
-    assert evaluate.tiled_tiff(tmp_path / "broken.tif")  # PIL cannot tell: OpenSlide is asked
-    tifffile = pytest.importorskip("tifffile")
-    tifffile.imwrite(tmp_path / "tiles.tif", np.zeros((256, 256, 3), np.uint8), tile=(128, 128), photometric="rgb")
-    assert evaluate.tiled_tiff(tmp_path / "tiles.tif") and not evaluate.tiled_tiff(tmp_path / "strips.tif")
-
-
-def test_unscanned_slide_area_is_read_as_glass():
-    class Scan:  # what OpenSlide gives where a slide has no scanned tiles (MIRAX, ...): transparent
-        def read_region(self, location, level, size):
-            region = np.zeros((*size[::-1], 4), np.uint8)
-            region[:, : size[0] // 2] = (200, 40, 90, 255)
-            return Image.fromarray(region, "RGBA")
-    reader = evaluate.Slide.__new__(evaluate.Slide)
-    reader.slide = Scan()
-    pixels = np.asarray(reader.read(0, 0, 0, 4, 2))
-    assert pixels[:, :2].tolist() == [[[200, 40, 90]] * 2] * 2 and (pixels[:, 2:] == 255).all()
-    reader.slide.read_region = lambda *a: Image.new("RGBA", (3, 3), (10, 20, 30, 255))  # all scanned
-    assert np.asarray(reader.read(0, 0, 0, 3, 3)).tolist() == [[[10, 20, 30]] * 3] * 3
-
-
-def test_a_pyramidal_tiff_is_read_through_openslide(map_model, tmp_path):
-    tifffile = pytest.importorskip("tifffile")
-    openslide = pytest.importorskip("openslide")
-    base = np.asarray(Image.fromarray(_layout_pixels(LAYOUT, 40)).resize((640, 480), Image.BILINEAR))
-    half = np.asarray(Image.fromarray(base).resize((320, 240), Image.BILINEAR))
-    with tifffile.TiffWriter(tmp_path / "slide.tif") as tif:  # 0.2475 um/px, and a level at 0.495
-        tif.write(base, tile=(128, 128), photometric="rgb", resolution=(1e4 / 0.2475, 1e4 / 0.2475),
-                  resolutionunit="CENTIMETER")
-        tif.write(half, tile=(128, 128), photometric="rgb", subfiletype=1,
-                  resolution=(1e4 / 0.495, 1e4 / 0.495), resolutionunit="CENTIMETER")
-    assert openslide.OpenSlide.detect_format(str(tmp_path / "slide.tif")) == "generic-tiff"
-    _map(map_model, tmp_path / "slide.tif", tmp_path / "maps")
-    summary = json.loads((tmp_path / "maps" / "slide_summary.json").read_text())
-    assert summary["mpp"] == pytest.approx(0.2475) and summary["level"] == 1 and summary["window"]["read_px"] == 40
-    rows = _csv(tmp_path / "maps" / "slide_tiles.csv")
-    _, got, truth = _layout_found(map_model, rows, 80)
-    assert set(got) == set(truth) and sum(got[k] == truth[k] for k in truth) >= 0.9 * len(truth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2233,26 +1330,26 @@ def test_class_map_header_several_to_one_unmapped_and_refusals(tmp_path):
     classes, folders = ["01_TUMOR", "02_STROMA", "05_DEBRIS"], ["DEB", "MUC", "MUS", "STR", "TUM", "X"]
     path = tmp_path / "map.csv"
     path.write_text("folder,class\nTUM,01_TUMOR\nSTR,STROMA\nMUS,02_STROMA\nDEB,05_DEBRIS\nMUC,\nBACK,\n")
-    mapping = mpkd.read_class_map(path, folders, classes)
+    mapping = evaluate.read_class_map(path, folders, classes)
     assert mapping == {"TUM": "01_TUMOR", "STR": "02_STROMA", "MUS": "02_STROMA", "DEB": "05_DEBRIS",
                        "MUC": None, "BACK": None}  # 'STROMA' is 02_STROMA; X is not listed: unmapped too
     path.write_text("TUM,01_TUMOR\nSTR,02_STROMA\n")  # no header: the first row is data
-    assert mpkd.read_class_map(path, folders, classes) == {"TUM": "01_TUMOR", "STR": "02_STROMA"}
+    assert evaluate.read_class_map(path, folders, classes) == {"TUM": "01_TUMOR", "STR": "02_STROMA"}
     path.write_text("folder,class\nTUM,TUMOUR\n")
     with pytest.raises(mpkd.UserError, match="TUM to TUMOUR, which is not a class.*01_TUMOR, 02_STROMA, 05_DEBRIS"):
-        mpkd.read_class_map(path, folders, classes)
+        evaluate.read_class_map(path, folders, classes)
     path.write_text("folder,class\nADI,01_TUMOR\n")
     with pytest.raises(mpkd.UserError, match="names none of the folders"):
-        mpkd.read_class_map(path, folders, classes)
+        evaluate.read_class_map(path, folders, classes)
     with pytest.raises(mpkd.UserError, match="does not exist"):
-        mpkd.read_class_map(tmp_path / "none.csv", folders, classes)
+        evaluate.read_class_map(tmp_path / "none.csv", folders, classes)
 
 
 def test_the_shipped_crc_map_is_the_one_the_named_set_uses():
-    rows = _csv(HERE / "docs" / "crc-val-he-7k.csv")
-    assert {r["folder"]: r["class"] for r in rows} == mpkd.EXTERNAL_SETS["crc-val-he-7k"]["class_map"]
+    rows = read_csv(HERE / "docs" / "crc-val-he-7k.csv")
+    assert {r["folder"]: r["class"] for r in rows} == evaluate.EXTERNAL_SETS["crc-val-he-7k"]["class_map"]
     kather = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]
-    assert set(mpkd.EXTERNAL_SETS["crc-val-he-7k"]["class_map"].values()) == set(kather) - {"03_COMPLEX"}
+    assert set(evaluate.EXTERNAL_SETS["crc-val-he-7k"]["class_map"].values()) == set(kather) - {"03_COMPLEX"}
 
 
 @pytest.mark.parametrize("width,mpp,rule,expected", [
@@ -2367,35 +1464,25 @@ def test_macenko_equals_torchstain_on_real_tiles():
 def test_stain_augmentation_is_seeded_recorded_and_changes_training(data_dir, tmp_path):
     argv = ["--data", str(data_dir), "--distill-weight", "0", "--teacher-logits", str(tmp_path / "none.pt"),
             "--epochs", "2", *FAST]
-    for name, extra in (("a", ["--stain-augment"]), ("b", ["--stain-augment"]), ("c", []), ("d", ["--stain-augment", "0.2"])):
+    for name, extra in (("a", ["--stain-augment"]), ("b", ["--stain-augment"]), ("c", []),
+                        ("d", ["--stain-augment", "0.2"])):
         distill.main(distill.get_args(argv + ["--out", str(tmp_path / f"{name}.pt"), *extra]))
     a, b, c, d = (mpkd.load_file(tmp_path / f"{n}.pt", mpkd.CHECKPOINT_FORMAT) for n in "abcd")
     same = lambda x, y: all(torch.equal(x["state_dict"][k], v) for k, v in y["state_dict"].items())
     assert same(a, b) and not same(a, c) and not same(a, d)
-    assert (a["args"]["stain_augment"], c["args"]["stain_augment"], d["args"]["stain_augment"]) == (mpkd.STAIN_AUGMENT, None, 0.2)
-    assert evaluate.method_name(a) == "student alone, stain-augmented" and evaluate.method_name(c) == "student alone"
+    strengths = [ckpt["args"]["stain_augment"] for ckpt in (a, c, d)]
+    assert strengths == [mpkd.STAIN_AUGMENT, None, 0.2]
+    name = lambda ckpt: mpkd.method_name(ckpt["method"], ckpt.get("ensemble"), ckpt["args"]["stain_augment"])
+    assert name(a) == "student alone, stain-augmented" and name(c) == "student alone"
     assert set(a["stain"]) == {"stains", "max_conc", "pixels", "tiles"}  # the training tiles' stain, for --stain-norm
     with pytest.raises(mpkd.UserError, match="--stain-augment 1.5 must be in"):
         distill.main(distill.get_args(argv + ["--out", str(tmp_path / "e.pt"), "--stain-augment", "1.5"]))
 
 
-def _external_folder(root, rng, names=("zero", "one", "two", "three"), size=160, inner=80):
-    """Another lab's folders of the stand-in colours: tiles of `size` px whose centre `inner` px
-    show their class and whose border shows the next class (so only the right field of view is right)."""
-    for c, name in enumerate(names):
-        (root / name).mkdir(parents=True)
-        for i in range(3):
-            tile = _standin_tile((c + 1) % 4, size, rng, 5)
-            start = (size - inner) // 2
-            tile[start:start + inner, start:start + inner] = _standin_tile(c, inner, rng, 5)
-            Image.fromarray(tile).save(root / name / f"{name}_{i}.png")
-    return root
-
-
 def test_external_set_at_its_scale_with_a_class_map_and_its_report_recomputed(map_model, tmp_path, capsys):
-    root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
+    root = external_folder(tmp_path / "ext", np.random.default_rng(0))
     (root / "unused").mkdir()
-    Image.fromarray(_standin_tile(0, 160, np.random.default_rng(1))).save(root / "unused" / "x.png")
+    Image.fromarray(standin_tile(0, 160, np.random.default_rng(1))).save(root / "unused" / "x.png")
     cmap = tmp_path / "map.csv"
     cmap.write_text("folder,class\nzero,01_CLASS0\none,CLASS1\ntwo,03_CLASS2\nthree,04_CLASS3\nunused,\n")
     run = lambda *extra: evaluate.main(evaluate.get_args([str(map_model), "--external", str(root), "--class-map",
@@ -2412,10 +1499,10 @@ def test_external_set_at_its_scale_with_a_class_map_and_its_report_recomputed(ma
     ext = report["data"]["external"]
     assert (ext["rule"], ext["image_mpp"], ext["skipped"], ext["views"]) == ("crop", 0.2475, ["unused"], 12)
     assert ext["class_map"]["one"] == "02_CLASS1" and report["data"]["folder"] == str(root)
-    rows = _csv(tmp_path / "p.csv")
+    rows = read_csv(tmp_path / "p.csv")
     assert len(rows) == 12 and {r["scale_rule"] for r in rows} == {"crop"}
     correct = sum(r["true"] == r["predicted"] for r in rows)
-    assert correct == report["correct"] and report["accuracy_ci95"] == pytest.approx(evaluate.wilson_interval(correct, 12))
+    assert correct == report["correct"] and report["accuracy_ci95"] == pytest.approx(mpkd.wilson_interval(correct, 12))
     folders = report["folder_confusion"]["folders"]
     counts = np.zeros((len(folders), len(report["classes"])), int)
     for r in rows:
@@ -2425,7 +1512,7 @@ def test_external_set_at_its_scale_with_a_class_map_and_its_report_recomputed(ma
 
 
 def test_external_bad_inputs_are_one_line_before_any_scoring(map_model, tmp_path):
-    root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
+    root = external_folder(tmp_path / "ext", np.random.default_rng(0))
     run = lambda *extra: evaluate.main(evaluate.get_args([str(map_model), "--external", str(root), "--device", "cpu",
                                                           *map(str, extra)]))
     with pytest.raises(mpkd.UserError, match="folders one, three, two, zero of .* are not classes.*--class-map"):
@@ -2446,7 +1533,8 @@ def test_external_bad_inputs_are_one_line_before_any_scoring(map_model, tmp_path
     with pytest.raises(mpkd.UserError, match="--class-map is for --external"):
         evaluate.main(evaluate.get_args([str(map_model), "--class-map", str(cmap)]))
     (root / "zero" / "broken.png").write_bytes(b"not a png")
-    proc = _script("evaluate.py", map_model, "--external", root, "--class-map", cmap, "--device", "cpu", cwd=tmp_path)
+    proc = run_script("evaluate.py", map_model, "--external", root, "--class-map", cmap, "--device", "cpu",
+                      cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and err.count("\n") == 1 and "zero/broken.png" in err and "Method" not in out
 
@@ -2458,7 +1546,7 @@ def test_named_external_set_is_fetched_md5_checked_and_refused_offline(map_model
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     served = tmp_path / "served"
-    _external_folder(served / "SET" / "tiles", rng, names=("TUM", "STR"), size=80, inner=80)  # one class each
+    external_folder(served / "SET" / "tiles", rng, names=("TUM", "STR"), size=80, inner=80)  # one class each
     with zipfile.ZipFile(tmp_path / "SET.zip", "w") as z:
         for f in sorted((served / "SET").rglob("*.png")):
             z.write(f, f.relative_to(served).as_posix().replace("SET/tiles", "SET"))
@@ -2469,7 +1557,7 @@ def test_named_external_set_is_fetched_md5_checked_and_refused_offline(map_model
     threading.Thread(target=server.serve_forever, daemon=True).start()
     known = {"url": f"http://127.0.0.1:{server.server_address[1]}/SET.zip", "md5": "0" * 32, "page": "its page",
              "folder": "data/SET", "mpp": 0.2475, "class_map": {"TUM": "01_CLASS0", "STR": "02_CLASS1"}}
-    monkeypatch.setitem(mpkd.EXTERNAL_SETS, "the-set", known)
+    monkeypatch.setitem(evaluate.EXTERNAL_SETS, "the-set", known)
     args = [str(map_model), "--external", "the-set", "--device", "cpu"]
     try:
         with pytest.raises(mpkd.UserError, match="download failed.*get SET.zip from its page and unpack it into data"):
@@ -2485,45 +1573,6 @@ def test_named_external_set_is_fetched_md5_checked_and_refused_offline(map_model
     known["folder"] = "data/OTHER"
     with pytest.raises(mpkd.UserError, match="data/OTHER is missing and 127.0.0.1:9 cannot be reached; get SET.zip"):
         evaluate.main(evaluate.get_args(args))
-
-
-def test_images_at_their_scale_and_stain_normalised(map_model, tmp_path, capsys):
-    root = _external_folder(tmp_path / "ext", np.random.default_rng(0))
-    run = lambda out, *extra: evaluate.main(evaluate.get_args([str(map_model), "--images", str(root), "--device", "cpu",
-                                                               "--predictions", str(tmp_path / out), *map(str, extra)]))
-    run("crop.csv", "--image-mpp", 0.2475, "--scale-rule", "crop")
-    assert "scale rule crop" in capsys.readouterr().out
-    rows = _csv(tmp_path / "crop.csv")
-    names = ["zero", "one", "two", "three"]
-    assert all(r["predicted"] == f"{names.index(r['file'].split('/')[0]) + 1:02d}_CLASS{names.index(r['file'].split('/')[0])}"
-               for r in rows)
-    run("cover.csv", "--image-mpp", 0.2475, "--stain-norm", "macenko")  # cover: the default with a scale
-    out = capsys.readouterr().out  # 2 x 2 fields of 80 px cover a 160 px tile
-    assert "scale rule cover" in out and "(48 views of 12 tiles)" in out
-    assert "stain normalised (macenko) to the training tiles of s.pt" in out
-    assert len(_csv(tmp_path / "cover.csv")) == 12
-    with pytest.raises(mpkd.UserError, match="--stain-ref .* does not open"):
-        run("x.csv", "--stain-norm", "macenko", "--stain-ref", tmp_path / "map.csv")
-
-
-def test_map_stain_normalised_from_the_images_own_tissue(map_model, tmp_path):
-    pixels = _layout_pixels(LAYOUT, 40)
-    Image.fromarray(pixels).save(tmp_path / "big.tif", resolution_unit=3, resolution=1e4 / 0.495)
-    _map(map_model, tmp_path / "big.tif", tmp_path / "maps", "--stain-norm", "macenko")
-    norm = json.loads((tmp_path / "maps" / "big_summary.json").read_text())["stain_norm"]
-    ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)
-    assert norm["mode"] == "macenko" and norm["target"]["stains"] == ckpt["stain"]["stains"]
-    assert norm["source"]["pixels"] > 0  # estimated once, from the image's tissue
-    rows = _csv(tmp_path / "maps" / "big_tiles.csv")
-    windows = torch.from_numpy(np.stack([mpkd.model_input(Image.fromarray(pixels[int(r["y"]):int(r["y"]) + 40,
-                                                                              int(r["x"]):int(r["x"]) + 40]), 32)
-                                         for r in rows]))
-    restained = mpkd.normalise_stain(windows, norm["source"], norm["target"])[0]  # every window alike
-    direct = mpkd.predict(mpkd.load_model(ckpt, map_model), restained, "fp32").softmax(1)
-    classes = ckpt["identity"]["classes"]
-    assert np.allclose([[float(r[f"p_{c}"]) for c in classes] for r in rows], direct.numpy(), atol=1e-4)
-    _map(map_model, tmp_path / "big.tif", tmp_path / "per-window", "--stain-norm", "macenko-tile")
-    assert json.loads((tmp_path / "per-window" / "big_summary.json").read_text())["stain_norm"]["source"] is None
 
 
 def test_a_folders_stain_is_the_median_of_its_tiles_and_odd_tiles_do_not_decide_it():
@@ -2562,9 +1611,11 @@ def test_stored_logits_find_each_images_own_row_under_a_shuffling_loader():
     stored = torch.randn(n, 2, classes)  # (N, views, C)
     data = torch.utils.data.TensorDataset(torch.arange(n) * 10)  # an "image" that says which it is
     seen = 0
-    for (values,) in torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)):
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for (values,) in loader:
         index, view = values // 10, (values // 10) % 2  # what a dataset returning its index gives back
-        assert torch.equal(mpkd.stored_logits(stored, index, view), torch.stack([stored[i, i % 2] for i in index.tolist()]))
+        expected = torch.stack([stored[i, i % 2] for i in index.tolist()])
+        assert torch.equal(mpkd.stored_logits(stored, index, view), expected)
         assert torch.equal(mpkd.stored_logits(stored[:, 0], index), stored[index, 0])
         seen += len(index)
     assert seen == n
@@ -2575,13 +1626,13 @@ def test_eval_logits_and_predict_restore_the_models_mode_and_uint8_is_required()
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     for mode in (True, False):
         model.train(mode)
-        logits = mpkd.eval_logits(model, mpkd.normalise(x))
+        logits = mpkd.eval_logits(model, mpkd.network_input(x))
         assert model.training is mode and not logits.requires_grad
         mpkd.predict(model, x, "fp32")
         assert model.training is mode
     model.eval()
     # predict is eval_logits in batches, channels_last: the same up to float rounding
-    assert torch.allclose(mpkd.eval_logits(model, mpkd.normalise(x)), mpkd.predict(model, x, "fp32"), atol=1e-5)
+    assert torch.allclose(mpkd.eval_logits(model, mpkd.network_input(x)), mpkd.predict(model, x, "fp32"), atol=1e-5)
     for wrong in (x.float() / 255, x.float(), x.long()):
         with pytest.raises(TypeError, match="uint8 images .* not torch"):
             mpkd.predict(model, wrong, "fp32")
@@ -2591,7 +1642,8 @@ def test_eval_logits_and_predict_restore_the_models_mode_and_uint8_is_required()
 
 def test_import_mpkd_loads_little_more_than_torch():
     def modules(imports):
-        proc = subprocess.run([sys.executable, "-c", f"import sys, {imports}; print('timm' in sys.modules, len(sys.modules))"],
+        code = f"import sys, {imports}; print('timm' in sys.modules, len(sys.modules))"
+        proc = subprocess.run([sys.executable, "-c", code],
                               cwd=HERE, capture_output=True, text=True, timeout=120)
         loaded, count = proc.stdout.split()
         return loaded == "True", int(count)
@@ -2617,17 +1669,31 @@ def test_ensemble_target_is_the_mean_softened_distribution_and_one_member_is_the
     assert torch.equal(mpkd.kd_loss(s, t[:, :1], y, T, w), mpkd.kd_loss(s, t[:, 0], y, T, w))  # exactly
 
 
+def test_ensemble_weights_weigh_the_members_distributions():
+    torch.manual_seed(2)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 3, 5) * 3, torch.randint(0, 5, (6,))
+    equal = mpkd.kd_loss(s, t, y, 4.0, 0.5)
+    assert torch.allclose(mpkd.kd_loss(s, t, y, 4.0, 0.5, torch.tensor([2.0, 2.0, 2.0])), equal, atol=1e-6)
+    only_last = mpkd.kd_loss(s, t, y, 4.0, 0.5, torch.tensor([0.0, 0.0, 1.0]))  # a weight of 0 leaves one out
+    assert torch.allclose(only_last, mpkd.kd_loss(s, t[:, 2], y, 4.0, 0.5), atol=1e-6)
+    target = 0.25 * F.softmax(t[:, 0] / 4, 1) + 0.75 * F.softmax(t[:, 1] / 4, 1)  # by hand: (B, C)
+    kl = (target * (target.log() - F.log_softmax(s / 4, 1))).sum(1).mean()
+    weighted = mpkd.kd_loss(s, t[:, :2], y, 4.0, 0.5, torch.tensor([1.0, 3.0]))
+    assert torch.allclose(weighted, 0.5 * F.cross_entropy(s, y) + 0.5 * 16 * kl, atol=1e-5)
+
+
 def test_ensemble_of_one_epoch_trains_like_that_anchor_and_all_is_every_stored_epoch(trained, data_dir, tmp_path,
                                                                                      capsys):
     run = lambda out, *flags: distill.main(distill.get_args(student_argv(data_dir, trained, tmp_path / out, *flags)))
     run("anchor.pt", "--anchors", "2")
     run("one.pt", "--ensemble", "2")
     run("all.pt", "--ensemble", "all")
-    anchor, one, everything = (mpkd.load_file(tmp_path / n, mpkd.CHECKPOINT_FORMAT) for n in ("anchor.pt", "one.pt", "all.pt"))
+    anchor, one, everything = (mpkd.load_checkpoint(tmp_path / n) for n in ("anchor.pt", "one.pt", "all.pt"))
     assert all(torch.equal(one["state_dict"][k], v) for k, v in anchor["state_dict"].items())
-    assert (one["method"], anchor["method"]) == ("snapshot ensemble KD (epochs 2)", "vanilla KD")
-    assert everything["ensemble"] == [1, 2, 3] and everything["method"] == "snapshot ensemble KD (epochs 1, 2, 3)"
-    assert "schedule" not in everything and all("route" in r and "teacher_epoch" not in r for r in everything["history"])
+    assert (one["method"], one["ensemble"], anchor["method"]) == ("ensemble", [2], "vanilla")
+    assert everything["ensemble"] == [1, 2, 3] and everything["method"] == "ensemble"
+    assert "schedule" not in everything
+    assert all("route" in r and "teacher_epoch" not in r for r in everything["history"])
     capsys.readouterr()
     rows = evaluate.main(evaluate.get_args([str(tmp_path / n) for n in ("anchor.pt", "all.pt")] + ["--device", "cpu"]))
     out = capsys.readouterr().out
@@ -2649,7 +1715,7 @@ def test_ensemble_conflicts_and_unknown_epochs_are_one_line(trained, data_dir, t
 
 def test_near_uniform_early_targets_are_named_with_the_anchors_that_leave_them_out(trained, data_dir, tmp_path,
                                                                                   capsys):
-    stored = mpkd.load_teacher_logits(trained / "teacher_logits.pt")
+    stored = mpkd.load_file(trained / "teacher_logits.pt", mpkd.LOGITS_FORMAT)
     stored["logits"][1] = torch.zeros_like(stored["logits"][1])  # a teacher that has learnt nothing yet
     for epoch in (2, 3):  # and confident ones
         stored["logits"][epoch] = stored["logits"][epoch] * 100
@@ -2666,84 +1732,7 @@ def test_near_uniform_early_targets_are_named_with_the_anchors_that_leave_them_o
     assert "--ensemble 2,3 leaves them out" in capsys.readouterr().err  # the flag that keeps the method
 
 
-def test_map_messages_say_what_to_do_once_and_leave_no_empty_folder(map_model, trained, tmp_path, capsys, monkeypatch):
-    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(tmp_path / "a.png")  # no scale
-    with pytest.raises(mpkd.UserError, match="1 of 1 images failed: a.png .*pass --image-mpp"):
-        _map(map_model, tmp_path / "a.png", tmp_path / "maps")
-    out = capsys.readouterr().out
-    assert "a.png: failed" in out and "--image-mpp" not in out  # the reason once, in the error
-    assert not (tmp_path / "maps").exists()  # nothing written, no folder left
-    with pytest.raises(mpkd.UserError, match=r"is the stored teacher logits .* pass a checkpoint .*or for --images "
-                                             r"and --map an .onnx file"):
-        _map(trained / "teacher_logits.pt", tmp_path / "a.png", tmp_path / "maps")
-    assert not (tmp_path / "maps").exists()
-    _map(map_model, tmp_path / "a.png", tmp_path / "maps", "--shard", "3/4")  # an array job's spare task
-    assert capsys.readouterr().out.strip() == f"shard 3/4 holds no images: {tmp_path / 'a.png'} has 1, fewer than the shards"
-    for script in (evaluate, distill, train_teacher):  # --help opens with a whole sentence
-        help_text = _parser(script, monkeypatch).description
+def test_every_script_opens_its_help_with_a_whole_sentence(monkeypatch):
+    for script in (train_teacher, distill, evaluate, predict, export):
+        help_text = parser_of(script, monkeypatch).description
         assert help_text.endswith(".") and help_text[0].isupper() and "\n" not in help_text
-
-
-def test_a_folder_never_holds_two_models_maps_unasked(map_model, student, tmp_path, capsys):
-    Image.fromarray(_layout_pixels(LAYOUT[:2, :3], 40)).save(tmp_path / "a.tif", resolution_unit=3,
-                                                             resolution=1e4 / 0.495)
-    _map(map_model, tmp_path / "a.tif", tmp_path / "maps")
-    summary = json.loads((tmp_path / "maps" / "a_summary.json").read_text())
-    assert summary["model"]["sha256"] == mpkd.file_fingerprint(map_model) and summary["settings"]["mask"] is True
-    capsys.readouterr()
-    _map(map_model, tmp_path / "a.tif", tmp_path / "maps")  # the same model and settings: done
-    assert "done before" in capsys.readouterr().out
-    for model, extra, differs in ((student, [], "another model"), (map_model, ["--no-mask"], "mask True, not False"),
-                                  (map_model, ["--image-mpp", 0.25], "scale 0.495 um/px, not --image-mpp 0.25")):
-        with pytest.raises(mpkd.UserError, match=f"1 of 1 images failed: a.tif .*{differs}.*--overwrite replaces "
-                                                 f"it, --out-dir DIR keeps both"):
-            _map(model, tmp_path / "a.tif", tmp_path / "maps", *extra)
-    assert json.loads((tmp_path / "maps" / "a_summary.json").read_text()) == summary  # untouched
-
-
-def test_deploy_doc_code_runs_as_pasted(exported, data_dir, tmp_path):
-    pytest.importorskip("openvino")
-    pytest.importorskip("cv2")
-    (code,) = re.findall(r"```python\n(.*?)```", (HERE / "docs" / "deploy.md").read_text(), re.S)
-    (tmp_path / "student.onnx").write_bytes((exported / "student.onnx").read_bytes())
-    (tmp_path / "new_tiles").mkdir()
-    files = sorted(data_dir.rglob("*.png"))[::7][:6]
-    for f in files:
-        (tmp_path / "new_tiles" / f.name).write_bytes(f.read_bytes())
-    # the doc's code, then what its last runtime (OpenCV) predicted, to compare
-    (tmp_path / "deploy.py").write_text(code + "\nprint(json.dumps([classes[i] for i in probabilities.argmax(1)]))\n")
-    proc = subprocess.run([sys.executable, "deploy.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    onnxruntime, opencv = json.loads(lines[0].replace("'", '"')), json.loads(lines[-1])
-    evaluate.main(evaluate.get_args([str(exported / "student.onnx"), "--images", str(tmp_path / "new_tiles"),
-                                     "--predictions", str(tmp_path / "p.csv")]))
-    expected = {f"new_tiles/{r['file']}": r["predicted"] for r in _csv(tmp_path / "p.csv")}
-    assert onnxruntime == expected and opencv == list(expected.values()) and len(expected) == len(files)
-
-
-def test_overlay_has_the_legend_and_every_count_agrees_with_and_without_stride(map_model, tmp_path, capsys):
-    Image.fromarray(_layout_pixels(LAYOUT, 40)).save(tmp_path / "big.tif", resolution_unit=3, resolution=1e4 / 0.495)
-    for extra, name in (([], "plain"), (["--stride", 0.495 * 40 / 2], "stride")):
-        capsys.readouterr()
-        _map(map_model, tmp_path / "big.tif", tmp_path / name, *extra)
-        console = capsys.readouterr().out
-        summary = json.loads((tmp_path / name / "big_summary.json").read_text())
-        rows, geo = _csv(tmp_path / name / "big_tiles.csv"), json.loads((tmp_path / name / "big.geojson").read_text())
-        windows, cells = summary["windows"], summary["cells"]["classified"]
-        assert evaluate.windows_line(windows) in console and len(rows) == windows["classified"]  # every window
-        assert len(geo["features"]) == cells and (cells == len(rows)) == (name == "plain")  # what the map shows
-        names = [f["properties"]["classification"]["name"] for f in geo["features"]]
-        for c in summary["class_fractions_by_area"]:
-            assert summary["class_fractions_by_area"][c] == pytest.approx(names.count(c) / len(names))
-            assert summary["class_fractions_by_windows"][c] == pytest.approx([r["class"] for r in rows].count(c) / len(rows))
-        corners = {tuple(map(tuple, f["geometry"]["coordinates"][0][:3])) for f in geo["features"]}
-        assert len(corners) == cells  # no two squares overlap: one per cell
-    colours = {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
-               for f in geo["features"]}
-    with Image.open(tmp_path / "plain" / "big_overlay.png") as img:
-        legend = np.asarray(img.convert("RGB"))[:, -evaluate.LEGEND_WIDTH:]
-    present = {tuple(p) for p in legend.reshape(-1, 3)}
-    assert set(colours.values()) <= present  # each class's swatch, in the GeoJSON's (QuPath's) colour
-    a, tint = evaluate.OVERLAY_ALPHA / 255, summary["overlay_tint"]  # beside it, the tint the overlay shows
-    assert {tuple(round(a * c + (1 - a) * t) for c, t in zip(colour, tint)) for colour in colours.values()} <= present

@@ -76,9 +76,9 @@ def get_args(argv=None):
 
 
 def main(args):
+    data_dir, _ = mpkd.resolve_data_folder(args.data, None, "")  # unset data flags take the paper's values:
+    args = argparse.Namespace(**{**vars(args), "data": data_dir, **mpkd.resolve_data_settings(vars(args), data_dir)})
     config = vars(args)
-    args.data, _ = mpkd.resolve_data_folder(args.data, None, "")
-    mpkd.resolve_data_settings(config)  # unset data flags take the paper's values
     mpkd.check_settings(config)
     mpkd.check_writable(args.out, args.logits_out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
@@ -116,10 +116,7 @@ def main(args):
                       "precision": mpkd.precisions(run["history"])}  # the teacher's, logits included
     if "val_logits" in run["extra"]:  # {stored epoch: (N_val, C)}; absent without a validation part
         teacher_logits["val_logits"] = run["extra"]["val_logits"]
-    checkpoint = mpkd.make_checkpoint(model, config, data["identity"], "teacher", run["history"])
-    checkpoint["tile"] = mpkd.tile_record(data, args.mpp)  # the field of view, for tissue maps
-    checkpoint["stain"] = mpkd.stain_record(train["images"])  # the target of evaluate.py --stain-norm
-    mpkd.save_atomic(checkpoint, args.out)
+    mpkd.save_atomic(mpkd.make_checkpoint(model, config, data, train["images"], "teacher", run["history"]), args.out)
     mpkd.save_atomic(teacher_logits, args.logits_out)
     mpkd.state_path(args.out).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(f"wrote {args.out} and {args.logits_out} (stored epochs {sorted(teacher_logits['logits'])})")

@@ -39,7 +39,7 @@ def quiet(fn, log: Path):
 
 def uniformity(logits_file: Path, temperature: float = 5.0) -> dict[int, float]:
     """Per stored epoch: mpkd.target_uniformity of its softened targets over the training images."""
-    stored = mpkd.load_teacher_logits(logits_file)["logits"]
+    stored = mpkd.load_file(logits_file, mpkd.LOGITS_FORMAT)["logits"]
     return {epoch: mpkd.target_uniformity(logits, temperature) for epoch, logits in sorted(stored.items())}
 
 
@@ -56,7 +56,7 @@ def students(folder: Path, logits: Path, given: list[str], runs: dict[str, list[
 
 
 def runs_for(logits: Path, singles, auto: bool) -> dict[str, list[str]]:
-    stored = sorted(mpkd.load_teacher_logits(logits)["logits"])
+    stored = sorted(mpkd.load_file(logits, mpkd.LOGITS_FORMAT)["logits"])
     late = [e for e, u in uniformity(logits).items() if u <= mpkd.NEAR_UNIFORM]
     runs = {"alone": ["--distill-weight", "0"], "vanilla": [], "mpkd": ["--multipart"],
             "late": ["--anchors", ",".join(map(str, late or stored[-1:]))], "ensemble": ["--ensemble", "all"],

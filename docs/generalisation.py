@@ -74,7 +74,8 @@ def train(data: Path, tag: str, extra: list[str], seed: int, names=("teacher", "
     given = ["--data", str(data), "--groups", str(OUT / "groups.csv"), *SPLIT, *TRAIN, "--seed", str(seed), *extra]
     if "teacher" in names and not out["teacher"].exists():
         quiet(lambda: train_teacher.main(train_teacher.get_args(
-            [*given, "--no-pretrained", "--save-every", "2", "--out", str(out["teacher"]), "--logits-out", str(logits)])),
+            [*given, "--no-pretrained", "--save-every", "2", "--out", str(out["teacher"]),
+             "--logits-out", str(logits)])),
             folder / "log.txt")
     for method, flags in METHODS:
         if method in names and not out[method].exists():
@@ -98,7 +99,7 @@ def external(models: list[Path], rule: str, norm: str | None) -> list[dict]:
 
 def wilson_legend(n: int) -> str:
     """The 95% Wilson interval of every count out of n, for the tables' bare counts."""
-    return ", ".join(f"{k}: {lo:.0f}-{hi:.0f}%" for k in range(n + 1) for lo, hi in [evaluate.wilson_interval(k, n)])
+    return ", ".join(f"{k}: {lo:.0f}-{hi:.0f}%" for k in range(n + 1) for lo, hi in [mpkd.wilson_interval(k, n)])
 
 
 def centre_tiles(size: int) -> torch.Tensor:
@@ -144,7 +145,8 @@ def augmentation_gain(robust: dict) -> dict:
     out = {}
     for name in NAMES:
         pairs = zip(robust[f"augmented/{name}"], robust[f"plain/{name}"])
-        out[name] = [{"strength": a["strength"], **evaluate.mean_interval([x - y for x, y in zip(a["per_tile"], b["per_tile"])])}
+        out[name] = [{"strength": a["strength"],
+                      **evaluate.mean_interval([x - y for x, y in zip(a["per_tile"], b["per_tile"])])}
                      for a, b in pairs]
     return out
 
@@ -217,7 +219,8 @@ def main():
         plot(results["robustness"], OUT / "hed_shift.png")
     print(json.dumps({k: v for k, v in results.items() if k != "robustness"}, indent=1))
     for name, points in results["robustness"].items():
-        print(name, " ".join(f"{p['strength']}: {p['mean']:.1f} [{p['ci95'][0]:.1f}, {p['ci95'][1]:.1f}]" for p in points))
+        print(name, " ".join(f"{p['strength']}: {p['mean']:.1f} [{p['ci95'][0]:.1f}, {p['ci95'][1]:.1f}]"
+                             for p in points))
 
 
 if __name__ == "__main__":

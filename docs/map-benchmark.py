@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import evaluate  # noqa: E402
+import export  # noqa: E402
 import mpkd  # noqa: E402
+import predict  # noqa: E402
 
 OUT = Path("map-benchmark")
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def models() -> dict:
         flags = ["--data", "standin", "--batch-size", "16", "--device", "cpu"]
         run(ROOT / "train_teacher.py", *flags, "--epochs", "3", "--save-every", "1", "--no-pretrained")
         run(ROOT / "distill.py", *flags, "--epochs", "5", "--multipart")
-        run(ROOT / "evaluate.py", "student.pt", "--export", "student.onnx")
+        run(ROOT / "export.py", "student.pt", "--out", "student.onnx")
     if not (OUT / "student.int8.onnx").exists():
         int8_student()
     return {"student, ONNX Runtime": "student.onnx", "student int8, ONNX Runtime": "student.int8.onnx",
@@ -108,47 +109,47 @@ def models() -> dict:
 
 
 def int8_student() -> None:
-    """student.int8.onnx as --export --int8 makes it, written whatever its gate says: this 5-epoch
+    """student.int8.onnx as export.py --int8 makes it, written whatever its gate says: this 5-epoch
     stand-in student is too fragile for the gate (docs/deploy.md), and speed does not depend on it."""
     import torch
     path = str(OUT / "student.pt")
-    args = evaluate.get_args([path, "--data", str(OUT / "standin"), "--device", "cpu"])
-    ckpt = evaluate.load_checkpoint(path)
-    data, part = evaluate.test_part(ckpt, path, args, torch.device("cpu"), {})
-    made = evaluate.int8_file(ckpt, path, mpkd.load_model(ckpt, path).eval(), data, part)
+    ckpt = mpkd.load_checkpoint(path)
+    data, part = mpkd.load_test_split(ckpt, path, str(OUT / "standin"), None, torch.device("cpu"), {})
+    made = export.int8_file(ckpt, path, mpkd.load_model(ckpt, path).eval(), data, part)
     mpkd.write_bytes_atomic(made["blob"], OUT / "student.int8.onnx")
-    print(f"student.int8.onnx: {evaluate.figures_line(made['figures'])}", flush=True)
+    print(f"student.int8.onnx: {export.figures_line(made['figures'])}", flush=True)
 
 
 def inference_rate(model: str, repeats: int = 8) -> float:
-    """Windows/s of the runtime alone on random uint8 windows, batches of evaluate.MAP_BATCH."""
+    """Windows/s of the runtime alone on random uint8 windows, batches of predict.MAP_BATCH."""
     import torch
-    args = evaluate.get_args([str(OUT / model), "--device", "cpu"])
-    predictor = evaluate.load_predictor(OUT / model, args, mpkd.pick_device("cpu"))
-    batch = torch.randint(0, 256, (evaluate.MAP_BATCH, 3, predictor["size"], predictor["size"]), dtype=torch.uint8)
+    predictor = predict.load_predictor(OUT / model, torch.device("cpu"), "fp32")
+    batch = torch.randint(0, 256, (predict.MAP_BATCH, 3, predictor["size"], predictor["size"]), dtype=torch.uint8)
     predictor["logits"](batch)
     start = time.perf_counter()
     for _ in range(repeats):
         predictor["logits"](batch)
-    return repeats * evaluate.MAP_BATCH / (time.perf_counter() - start)
+    return repeats * predict.MAP_BATCH / (time.perf_counter() - start)
 
 
-def reading_rate(image: str, size: int = 112) -> float:
+def reading_rate(image: str) -> float:
     """Windows/s of reading alone: the tissue windows of a student map, read and resized as --map
     does (its threads, one batch ahead), not classified."""
     from concurrent.futures import ThreadPoolExecutor
-    args = evaluate.get_args([str(OUT / "student.onnx"), "--map", str(OUT / image), "--device", "cpu"])
-    plan = evaluate.plan_map(OUT / image, {"tile_um": 150 * mpkd.DEFAULT_MPP, "size": size}, args)
+    import torch
+    student = predict.load_predictor(OUT / "student.onnx", torch.device("cpu"), "fp32")
+    settings = {"window_um": student["tile_um"], "stride_um": student["tile_um"], "mask": True, "stain_norm": None}
+    plan = predict.plan_map(OUT / image, student, settings, None, None)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        n = sum(len(b) for b in evaluate.window_batches(plan["reader"], plan["todo"], plan, size, pool))
+        n = sum(len(b) for b in predict.window_batches(plan["reader"], plan["todo"], plan, student["size"], pool))
     return n / (time.perf_counter() - start)
 
 
 def map_once(model: str, image: str) -> dict:
     """One --map run in its own process: the summary's figures and the peak resident memory."""
     out = f"maps-{Path(model).stem}-{Path(model).suffix[1:]}"
-    peak = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, ROOT / "evaluate.py", model, "--map", image,
+    peak = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, ROOT / "predict.py", model, "--map", image,
                            "--out-dir", out, "--overwrite", "--device", "cpu"], cwd=OUT, capture_output=True,
                           text=True, check=True)
     peak_mb = int(peak.stderr.split()[-1]) / 1e3
@@ -170,10 +171,11 @@ def main() -> None:
             start = time.perf_counter()
             make(OUT / name)
             print(f"made {name} in {time.perf_counter() - start:.0f} s", flush=True)
+    trained = models()  # the reading rate needs the student's field of view
     for image in ("large.tif", "slide.tif"):
         print(f"reading alone, {image}: {reading_rate(image):.0f} windows/s in {os.cpu_count()} threads", flush=True)
     only = sys.argv[1:]  # model files to measure again (student.onnx, student.int8.onnx, ...); default all
-    wanted = {label: model for label, model in models().items() if not only or model in only}
+    wanted = {label: model for label, model in trained.items() if not only or model in only}
     done = OUT / "results.json"
     rows = [r for r in json.loads(done.read_text()) if r["model"] not in wanted] if only and done.exists() else []
     for label, model in wanted.items():
@@ -186,7 +188,8 @@ def main() -> None:
                  "rounds": [[round(x["end_to_end"]), round(x["inference_only"])] for x in runs]}
             rows.append(r)
             print(f"{label:<24}{image:<11}{r['windows']['classified']:>7} of {r['windows']['total']:>6} windows "
-                  f"{r['seconds']:7.1f} s  end to end {r['end_to_end']:4.0f}/s, inference only {r['inference_only']:4.0f}/s "
+                  f"{r['seconds']:7.1f} s  end to end {r['end_to_end']:4.0f}/s, "
+                  f"inference only {r['inference_only']:4.0f}/s "
                   f"({r['ratio']:.2f}x; rounds {r['rounds']})  peak {r['peak_mb']:5.0f} MB", flush=True)
     done.write_text(json.dumps(rows, indent=1))
 
