@@ -21,6 +21,7 @@ import train_teacher
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = HERE.parent / "shared" / "data" / "kather2016_samples"
+CRC_SAMPLES = HERE.parent / "shared" / "data" / "crc_val_he_7k_samples"
 FAST = ["--img-size", "32", "--batch-size", "8", "--device", "cpu"]
 TIMING = ("seconds", "train_seconds", "images_per_s", "logits_seconds", "compile_seconds")
 

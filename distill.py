@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import mpkd
 
@@ -97,6 +98,80 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# Which stored teacher epochs a student follows, and the route it measures on the way.
+
+
+def parse_epochs(text: str, stored: list[int], flag: str = "--anchors") -> list[int]:
+    """'5,15,30,50' -> [5, 15, 30, 50] ('all': every stored epoch), refusing epochs that the teacher
+    logits file does not hold; `flag` names the option in messages."""
+    if text == "all":
+        return sorted(stored)
+    try:
+        anchors = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise mpkd.UserError(f"{flag} {text!r} must be comma-separated teacher epochs, "
+                        f"e.g. 5,15,30,50") from None
+    unknown = [a for a in anchors if a not in stored]
+    if not anchors or unknown:
+        raise mpkd.UserError(f"{flag} {text}: epochs {unknown} are not stored; "
+                        f"stored epochs are {sorted(stored)}")
+    return anchors
+
+
+def route(student_logits: torch.Tensor, teacher_val_logits: dict[int, torch.Tensor],
+          temperature: float) -> list[dict]:
+    """How far the student is from every stored teacher epoch (the teacher's route, RCO's
+    diagnostic): student logits (N, C) and each stored epoch's teacher logits (N, C) on the same
+    validation images give KL(soften(teacher, T) || soften(student, T)) as a batch mean (the KD
+    term without its T^2 factor) and the top-1 agreement in percent."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    out = []
+    for epoch in sorted(teacher_val_logits):
+        t = teacher_val_logits[epoch].to(student_logits.device).float()
+        kl = F.kl_div(log_s, F.log_softmax(t / temperature, dim=-1), reduction="batchmean", log_target=True)
+        agreement = 100 * (t.argmax(1) == student_logits.argmax(1)).float().mean()
+        out.append({"teacher_epoch": epoch, "kl": kl.item(), "agreement": agreement.item()})
+    return out
+
+
+def next_auto_anchor(stored: list[int], current: int, distance: dict[int, float], reach: float,
+                     threshold: float, epochs_left: int, final_epochs: int) -> int:
+    """The stored teacher epoch a student following `current` moves to after an epoch (greedy, in
+    the spirit of RCO's anchor search; `--anchors auto`).
+
+    `distance[e]` is KL(teacher@e || student) on the validation images now, and `reach` the route's
+    length, the untrained student's KL from the final teacher; "close" means within
+    threshold * reach. Once the student is close to the anchor it follows, it has learnt what
+    that anchor can teach and moves on to the next stored epoch; it also jumps to any later stored
+    epoch it is already close to, taking the latest. It never moves backwards, and moves to the
+    final teacher once only `final_epochs` epochs are left (the caller passes ceil(E / K), the
+    final teacher's share in the equal-interval schedule), so it always ends on the converged one.
+    (Measuring only "the latest epoch within reach" does not work: the KD term holds the student
+    near the anchor it follows, so later anchors never come within reach.)
+    """
+    stored = sorted(stored)
+    if epochs_left <= final_epochs:
+        return stored[-1]
+    close = threshold * reach
+    later = [e for e in stored if e > current]
+    candidates = [e for e in later if distance[e] <= close]
+    if later and distance[current] <= close:  # caught up with the current anchor: on to the next
+        candidates.append(later[0])
+    return max(candidates, default=current)
+
+
+def kd_method(distill_weight: float, anchors: list[int], auto: bool = False, ensemble: bool = False) -> str:
+    """The METHODS key of a student: alone, vanilla KD (one teacher epoch), Multi-Part KD,
+    Multi-Part KD with anchors it chose itself, or a snapshot ensemble of stored epochs."""
+    if distill_weight == 0:
+        return "alone"
+    if ensemble:
+        return "ensemble"
+    if auto:
+        return "auto"
+    return "multipart" if len(anchors) > 1 else "vanilla"
+
+
 def read_teacher(path: str, distill_weight: float) -> dict | None:
     """The teacher logits file, read when the run distils or when it is there: it carries the image
     size and split settings, so a student run need not repeat them. None for a student alone
@@ -120,14 +195,14 @@ def teacher_epochs(args, teacher):
         clash = next((flag for flag, on in (("--multipart", args.multipart), ("--anchors", args.anchors)) if on), None)
         if clash:
             raise mpkd.UserError(f"--ensemble and {clash} are two methods: give one of them")
-        return mpkd.parse_epochs(args.ensemble, stored, "--ensemble")
+        return parse_epochs(args.ensemble, stored, "--ensemble")
     if args.anchors == "auto":
         if "val_logits" not in teacher:  # the teacher stores them wherever the split has a validation part
             raise mpkd.UserError("--anchors auto measures the student against every stored teacher epoch on "
                                  "the validation images: it needs a validation part (--val-frac > 0)")
         return sorted(stored)
     if args.anchors:
-        return mpkd.parse_epochs(args.anchors, stored)
+        return parse_epochs(args.anchors, stored)
     if args.multipart and len(stored) == 1:
         warn(f"warning: {args.teacher_logits} holds only teacher epoch {stored[0]}: "
              f"--multipart is vanilla KD with this file")
@@ -167,11 +242,11 @@ def student_hooks(args, epochs, teacher_val):
         if schedule or auto:  # an ensemble follows all its members in every epoch
             record["teacher_epoch"] = extra["auto"]["current"] if auto else schedule[done - 1]
         if teacher_val is not None:
-            record["route"] = mpkd.route(val_logits, teacher_val, args.temperature)
+            record["route"] = route(val_logits, teacher_val, args.temperature)
         if auto and done < args.epochs:
             now = {d["teacher_epoch"]: d["kl"] for d in record["route"]}
             current, reach = extra["auto"]["current"], extra["auto"]["reach"]
-            chosen = mpkd.next_auto_anchor(epochs, current, now, reach, args.auto_threshold,
+            chosen = next_auto_anchor(epochs, current, now, reach, args.auto_threshold,
                                            args.epochs - done, final_epochs)
             if chosen != current:
                 why = ("only the final teacher's share of epochs is left" if args.epochs - done <= final_epochs
@@ -221,7 +296,7 @@ def main(args):
     epochs = teacher_epochs(args, teacher)
     if teacher is not None:  # the teacher's data, split and classes, or a refusal naming the difference
         mpkd.check_same_data(teacher["identity"], data["identity"], args.teacher_logits)
-    method = mpkd.kd_method(args.distill_weight, epochs, args.anchors == "auto", bool(args.ensemble))
+    method = kd_method(args.distill_weight, epochs, args.anchors == "auto", bool(args.ensemble))
     name = mpkd.method_name(method, epochs)
     warn_near_uniform(args, teacher, epochs)
     mpkd.seed_everything(args.seed)  # before decoding: missing --weights stop the run at once
@@ -235,7 +310,7 @@ def main(args):
     start = None
     if args.anchors == "auto" and state is None:  # the route's length: untrained student to final teacher
         untrained = mpkd.predict(model, val["images"], precision)
-        reach = mpkd.route(untrained, {epochs[-1]: teacher_val[epochs[-1]]}, args.temperature)[0]["kl"]
+        reach = route(untrained, {epochs[-1]: teacher_val[epochs[-1]]}, args.temperature)[0]["kl"]
         start = {"auto": {"current": epochs[0], "reach": reach}}
         print(f"auto anchors: starting from teacher@{epochs[0]}; close means a KL of at most "
               f"{args.auto_threshold} x {reach:.4f} (the untrained student's KL from teacher@{epochs[-1]})")

@@ -75,11 +75,20 @@ def get_args(argv=None):
                    help="score the checkpoints on another lab's class folders, every image a test tile; "
                         f"or a named set, fetched into data/ on first use: {', '.join(EXTERNAL_SETS)}")
     p.add_argument("--class-map", default=None, metavar="FILE.csv",
-                   help="--external: rows of (folder in DIR, checkpoint class); several folders to one "
-                        "class allowed, a folder left unmapped is skipped (unset: folder names are classes)")
+                   help="--external: rows of (folder in DIR, checkpoint class), comma- or semicolon-separated; "
+                        "several folders to one class allowed, an empty class leaves a folder out on purpose "
+                        "(unset: folder names are classes)")
+    p.add_argument("--skip-unmapped", action="store_true",
+                   help="--external: score without the folders the class map does not name (else refused)")
+    p.add_argument("--external-groups", default=None, metavar="FILE.csv",
+                   help="--external: the slide or patient of every tile (columns file, relative to DIR, and "
+                        "group), for intervals clustered by group; Kather 2016 names give their slides")
     p.add_argument("--image-mpp", type=float, default=None,
                    help="--external: microns per pixel of the tiles (unset: a named set's own; else "
                         "the training tiles' scale, i.e. resized whole)")
+    p.add_argument("--any-mpp", action="store_true",
+                   help=f"accept an --image-mpp outside {mpkd.SCANNER_MPP[0]:g}-{mpkd.SCANNER_MPP[1]:g} um/px, "
+                        f"the scales scanners write")
     p.add_argument("--scale-rule", choices=mpkd.SCALE_RULES, default=None,
                    help="--external with a known scale: crop (the training field of view at the training "
                         "scale, centred), cover (the fewest such fields covering the tile, logits "
@@ -102,6 +111,9 @@ def check_args(args) -> None:
     if args.image_mpp is not None and not args.image_mpp > 0:
         raise mpkd.UserError(f"--image-mpp {args.image_mpp} must be positive: microns per pixel (0.5 at 20x)")
     for flag, value, needs, job in (("--class-map", args.class_map, args.external, "--external"),
+                                    ("--skip-unmapped", args.skip_unmapped, args.external, "--external"),
+                                    ("--external-groups", args.external_groups, args.external, "--external"),
+                                    ("--any-mpp", args.any_mpp, args.image_mpp, "--image-mpp"),
                                     ("--image-mpp", args.image_mpp, args.external, "--external"),
                                     ("--scale-rule", args.scale_rule, args.external, "--external"),
                                     ("--stain-norm", args.stain_norm, args.external, "--external"),
@@ -129,21 +141,36 @@ def evaluate_checkpoint(path, data_dir: str | None, groups: str | None, device: 
     labels = part["labels"].tolist()
     row = score_row(path, ckpt, model, mpkd.predict(model, part["images"], precision), labels, part["files"],
                     {"folder": data["root"], **ckpt["identity"]},
-                    [data["root"], mpkd.tiles_fingerprint(part["files"], labels)])
-    row.update(precision=precision, groups=part["groups"])
+                    [data["root"], mpkd.tiles_fingerprint(part["files"], labels)],
+                    *tile_groups(part["files"], part["groups"], ckpt["identity"]["split_by"]))
+    row.update(precision=precision)
     if benchmark:
         row["benchmark"] = speed(model, ckpt["identity"]["img_size"], device, precision, ckpt["args"]["batch_size"])
     return row
 
 
-def score_row(path, ckpt, model, logits, labels: list[int], files: list[str], data: dict, test_key: list) -> dict:
+def tile_groups(files: list[str], groups: list[str] | None, split_by: str | None) -> tuple:
+    """Each tile's group and what the groups are: those a split or groups file gave (slides or
+    groups), else the Kather 2016 slide in every file's name, else none: (None, None)."""
+    if groups:
+        return groups, "slide" if split_by == "slide" else "group"
+    found = [mpkd.SLIDE_PATTERN.search(Path(f).name) for f in files]
+    return ([m.group(0) for m in found], "slide") if found and all(found) else (None, None)
+
+
+def score_row(path, ckpt, model, logits, labels: list[int], files: list[str], data: dict, test_key: list,
+              groups: list[str] | None = None, group_by: str | None = None) -> dict:
     """The table row of a checkpoint's logits (N, C) on tiles of known classes: accuracy with its
-    Wilson interval, the per-class report, its size, and per tile outcome and probabilities.
+    Wilson interval, the per-class report, its size, and per tile outcome and probabilities; where
+    the tiles' groups are known (slides, patients), accuracy and balanced accuracy clustered by them.
     `data` says what the numbers were made on; rows with equal `test_key` were tested on the same
     tiles (McNemar)."""
     classes, predicted = ckpt["identity"]["classes"], logits.argmax(1).tolist()
     report = classification_report(labels, predicted, len(classes))
     outcomes = [p == t for p, t in zip(predicted, labels)]
+    clustered = groups and {"by": group_by, "groups": len(set(groups)),
+                            "accuracy": clustered_interval(outcomes, groups),
+                            "balanced_accuracy": clustered_interval(outcomes, groups, labels)}
     stain_augment = ckpt["args"].get("stain_augment")
     return {"checkpoint": str(path), "method": mpkd.method_name(ckpt["method"], ckpt.get("ensemble"), stain_augment),
             "method_key": ckpt["method"], "stain_augmented": bool(stain_augment),
@@ -151,7 +178,7 @@ def score_row(path, ckpt, model, logits, labels: list[int], files: list[str], da
             "seed": ckpt["args"]["seed"], "accuracy": report["accuracy"], "correct": sum(outcomes),
             "n_test": len(outcomes), "accuracy_ci95": list(mpkd.wilson_interval(sum(outcomes), len(outcomes))),
             "params_m": mpkd.count_params(model) / 1e6, "size_mb": mpkd.model_size_mb(model),
-            "classes": classes, "report": report, "data": data, "groups": None,
+            "classes": classes, "report": report, "data": data, "groups": groups, "clustered": clustered or None,
             "pair_key": [ckpt["args"]["seed"], ckpt["identity"]["train_fingerprint"]], "test_key": test_key,
             "outcomes": outcomes, "files": files, "labels": labels, "predicted": predicted,
             "probs": torch.softmax(logits.float(), 1).cpu().tolist(), "history": ckpt["history"]}
@@ -205,10 +232,13 @@ def mcnemar_pairs(rows: list[dict]) -> list[dict]:
             continue
         a, b = np.asarray(x["outcomes"], bool), np.asarray(y["outcomes"], bool)
         only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-        out.append({"a": x["checkpoint"], "b": y["checkpoint"], "a_method": x["method"],
-                    "b_method": y["method"], "seed_a": x["seed"], "seed_b": y["seed"],
-                    "same_seed": x["pair_key"] == y["pair_key"], "only_a": only_a, "only_b": only_b,
-                    "p": mcnemar_exact(only_a, only_b)})
+        test = {"a": x["checkpoint"], "b": y["checkpoint"], "a_method": x["method"],
+                "b_method": y["method"], "seed_a": x["seed"], "seed_b": y["seed"],
+                "same_seed": x["pair_key"] == y["pair_key"], "only_a": only_a, "only_b": only_b,
+                "p": mcnemar_exact(only_a, only_b), "difference": x["accuracy"] - y["accuracy"]}
+        if x["groups"]:  # the same tiles, so the same groups: the difference clustered by them
+            test["difference_clustered"] = clustered_interval(a.astype(int) - b, x["groups"], proportion=False)
+        out.append(test)
     return out
 
 
@@ -220,18 +250,31 @@ def table2_pair(a: dict, b: dict) -> int | None:
     return TABLE2_PAIRS.index(pair) if same_kind and pair in TABLE2_PAIRS else None
 
 
+FEW_GROUPS = 20  # fewer groups: the clustered interval may cover less than 95% (docs/intervals.md)
+
+
+def interval(ci: list[float] | None, signed: bool = False) -> str:
+    """An interval for a table: [lo, hi] in points, or - where there is none."""
+    return f"[{ci[0]:{'+' if signed else ''}.2f}, {ci[1]:{'+' if signed else ''}.2f}]" if ci else "-"
+
+
 def table_lines(rows, summary, paired, tests):
-    """Table II per checkpoint with 95% intervals; per seed McNemar's test of the Table II pairs;
-    with several seeds the mean per row and the paired difference across seeds."""
+    """Table II per checkpoint with 95% intervals (clustered by slide or group where the tiles'
+    groups are known); McNemar's test of the Table II pairs per seed (of every pair on another lab's
+    tiles); with several seeds the mean per row and the paired difference across seeds."""
     bench = all("benchmark" in r for r in rows)
+    clustered = next((r["clustered"] for r in rows if r["clustered"]), None)
     w = max(15, *(len(r["method"]) + 2 for r in rows))  # the method column
-    head = f"{'Method':<{w}}{'Network':<10}{'Acc (%)':>9}{'95% CI':>16}{'Params (M)':>12}{'Size (MB)':>11}"
+    head = f"{'Method':<{w}}{'Network':<10}{'Acc (%)':>9}{'95% CI':>16}"
+    head += f"{'by ' + clustered['by']:>17}" if clustered else ""
+    head += f"{'Params (M)':>12}{'Size (MB)':>11}"
     head += f"{'Latency (ms)':>14}{'Img/s':>10}{'Train img/s':>13}{'KD/CE':>7}" if bench else ""
     lines = [head + "  Checkpoint"]
     for r in rows:
-        lo, hi = r["accuracy_ci95"]
-        line = (f"{r['method']:<{w}}{r['network']:<10}{r['accuracy']:>9.2f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
-                f"{r['params_m']:>12.2f}{r['size_mb']:>11.3f}")
+        line = f"{r['method']:<{w}}{r['network']:<10}{r['accuracy']:>9.2f}{interval(r['accuracy_ci95']):>16}"
+        if clustered:
+            line += f"{interval(r['clustered'] and (r['clustered']['accuracy'] or {}).get('ci95')):>17}"
+        line += f"{r['params_m']:>12.2f}{r['size_mb']:>11.3f}"
         if bench:
             b = r["benchmark"]
             line += (f"{b['latency_ms']:>14.2f}{b['throughput']:>10.1f}{b['train_step_images_per_s']:>13.1f}"
@@ -239,19 +282,30 @@ def table_lines(rows, summary, paired, tests):
         lines.append(line + f"  {r['checkpoint']}")
     scored = " and ".join(dict.fromkeys(r["precision"] for r in rows))
     external = rows[0]["data"].get("external")
-    tiles = f"tiles of {external['folder']}" if external else "test tiles"
+    tiles = f"tiles of {external['folder']}{denominator(external)}" if external else "test tiles"
     lines.append(f"(scored in {scored}; 95% Wilson score intervals over the {rows[0]['n_test']} {tiles})")
+    if clustered:
+        g, by = clustered["groups"], clustered["by"]
+        lines.append(f"(by {by}: 95% intervals clustered by the {g} {by}s the tiles come from, cluster-robust; "
+                     f"tiles of one {by} are not independent, so read these, not the Wilson intervals"
+                     + (f"; with fewer than {FEW_GROUPS} {by}s, accuracy near 95% and {by}s that differ "
+                        f"much, they covered 87-92% in simulation: docs/intervals.md)" if g < FEW_GROUPS else ")"))
     table_pairs, row_of = [], {r["checkpoint"]: r for r in rows}
-    for t in (t for t in tests if t["same_seed"]):
-        a, b, na, nb = row_of[t["a"]], row_of[t["b"]], t["only_a"], t["only_b"]
+    for t in (t for t in tests if t["same_seed"] or external):
+        a, b, na, nb, diff = row_of[t["a"]], row_of[t["b"]], t["only_a"], t["only_b"], t.get("difference_clustered")
         if table2_pair(b, a) is not None:  # read the pair the way Table II does
             a, b, na, nb = b, a, nb, na
-        if table2_pair(a, b) is not None:
-            table_pairs.append((t["seed_a"], table2_pair(a, b), a["method"], b["method"], na, nb, t["p"]))
+            diff = diff and {**diff, "estimate": -diff["estimate"], "ci95": [-diff["ci95"][1], -diff["ci95"][0]]}
+        if table2_pair(a, b) is not None or external:  # on another lab's tiles every pair, by checkpoint
+            by = (f"; difference {diff['estimate'] + 0.0:+.2f} points, clustered {interval(diff['ci95'], True)}"
+                  if diff else "")
+            name = (lambda r: f"{r['method']} ({r['checkpoint']})") if external else (lambda r: r["method"])
+            table_pairs.append((t["seed_a"], table2_pair(a, b) or 0, name(a), name(b), na, nb, t["p"], by))
     if table_pairs:
-        lines += ["", "McNemar's exact test on the same test tiles (A / B: tiles only A / only B gets right)"]
-        lines += [f"  seed {seed}: {a} vs {b}: {na} / {nb}, two-sided p = {p:.3g}"
-                  for seed, _, a, b, na, nb, p in sorted(table_pairs, key=lambda x: x[:2])]
+        lines += ["", f"McNemar's exact test on the same {'tiles' if external else 'test tiles'} "
+                      f"(A / B: tiles only A / only B gets right)"]
+        lines += [f"  seed {seed}: {a} vs {b}: {na} / {nb}, two-sided p = {p:.3g}{by}"
+                  for seed, _, a, b, na, nb, p, by in sorted(table_pairs, key=lambda x: x[:2])]
     if any(s["n"] > 1 for s in summary):
         lines += ["", f"{'Method':<{w}}{'Network':<10}{'Acc (%) mean +- std':>22}{'95% CI of mean':>20}"
                       f"{'n':>4}{'Params (M)':>12}{'Size (MB)':>11}"]
@@ -285,8 +339,8 @@ def table_lines(rows, summary, paired, tests):
 def classification_report(y_true: list[int], y_pred: list[int], num_classes: int) -> dict:
     """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/F1 (all in %) and the
     confusion matrix (rows: true class, columns: predicted). An undefined ratio (0/0) counts as 0.
-    Balanced accuracy averages recall over classes present in `y_true`; macro-F1 averages F1 over
-    all classes."""
+    Balanced accuracy and macro-F1 both average over the classes present in `y_true` (a class the
+    tiles cannot have would count as a zero); `absent` lists the others."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
@@ -297,7 +351,8 @@ def classification_report(y_true: list[int], y_pred: list[int], num_classes: int
     return {
         "accuracy": float(100 * tp.sum() / max(cm.sum(), 1)),
         "balanced_accuracy": float(100 * recall[support > 0].mean()) if support.any() else 0.0,
-        "macro_f1": float(100 * f1.mean()),
+        "macro_f1": float(100 * f1[support > 0].mean()) if support.any() else 0.0,
+        "absent": np.flatnonzero(support == 0).tolist(),
         "precision": (100 * precision).tolist(), "recall": (100 * recall).tolist(), "f1": (100 * f1).tolist(),
         "support": support.tolist(), "confusion": cm.tolist(),
     }
@@ -349,6 +404,39 @@ def mean_interval(values: list[float]) -> dict:
             "ci95": [float(arr.mean()) - half, float(arr.mean()) + half]}
 
 
+def clustered_interval(outcomes, groups: list[str], classes=None, proportion: bool = True) -> dict | None:
+    """A 95% interval that respects tiles sharing a group (slide, patient, source tile), whose
+    outcomes are correlated: of accuracy, from per-tile outcomes (1 right, 0 wrong); of balanced
+    accuracy, given each tile's true class too; or of the paired difference of two checkpoints,
+    from outcomes -1, 0, 1 (proportion=False). The cluster-robust (sandwich) standard error of the
+    estimate, linearised, with the small-sample factor G / (G - 1) and Student's t with G - 1
+    degrees of freedom, as Cameron and Miller (2015, J. Human Resources 50:317) recommend for few
+    clusters; a proportion's interval is made on the logit scale, which keeps it inside 0-100% and
+    covers better near 100% (docs/intervals.md: the coverage simulated). In percent, with the number
+    of groups G; None with fewer than two groups (for balanced accuracy, in any class: one group's
+    tiles tell nothing of how groups vary), or for a proportion of 0 or 100%."""
+    x = np.asarray(outcomes, dtype=np.float64)
+    cls = np.zeros(len(x), np.int64) if classes is None else np.asarray(classes)
+    present, where = np.unique(cls, return_inverse=True)
+    counts = np.bincount(where)
+    means = np.bincount(where, weights=x) / counts  # per class (one class: the whole)
+    estimate = float(means.mean())
+    names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    g = len(names)
+    fewest = min(len(set(group_of[where == c])) for c in range(len(present)))  # groups in the class with fewest
+    if fewest < 2 or (proportion and not 0 < estimate < 1):
+        return None
+    influence = (x - means[where]) / (counts[where] * len(present))  # each tile's part of the estimate
+    se = math.sqrt(g / (g - 1) * (np.bincount(group_of, weights=influence, minlength=g) ** 2).sum())
+    t = t_critical(g - 1)
+    if proportion:
+        logit, slope = math.log(estimate / (1 - estimate)), se / (estimate * (1 - estimate))
+        lo, hi = (1 / (1 + math.exp(-v)) for v in (logit - t * slope, logit + t * slope))
+    else:
+        lo, hi = max(-1.0, estimate - t * se), min(1.0, estimate + t * se)
+    return {"estimate": 100 * estimate, "ci95": [100 * lo, 100 * hi], "groups": g}
+
+
 # ----------------------------------------------------------------------------------------------
 # One checkpoint in detail, the predictions CSV, and speed (--benchmark)
 
@@ -361,9 +449,15 @@ def report_lines(row):
     lines = ["", f"{'class':<{width}}{'precision':>10}{'recall':>9}{'F1':>8}{'support':>9}"]
     lines += [f"{c:<{width}}{rep['precision'][i]:>10.2f}{rep['recall'][i]:>9.2f}{rep['f1'][i]:>8.2f}"
               f"{rep['support'][i]:>9}" for i, c in enumerate(classes)]
-    lines += [f"accuracy {rep['accuracy']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  balanced accuracy "
-              f"{rep['balanced_accuracy']:.2f}%  macro-F1 {rep['macro_f1']:.2f}%", "",
-              "confusion matrix (rows: true, columns: predicted)"]
+    clustered = row["clustered"] or {}
+    by = lambda key: (f" (by {clustered['by']}: {interval((clustered[key] or {}).get('ci95'))})"
+                      if clustered else "")
+    lines += [f"accuracy {rep['accuracy']:.2f}% (95% CI {lo:.2f}-{hi:.2f}){by('accuracy')}  balanced accuracy "
+              f"{rep['balanced_accuracy']:.2f}%{by('balanced_accuracy')}  macro-F1 {rep['macro_f1']:.2f}%"]
+    if rep["absent"]:
+        lines.append(f"balanced accuracy and macro-F1 average over the {len(classes) - len(rep['absent'])} classes "
+                     f"the tiles have; absent: {', '.join(classes[c] for c in rep['absent'])}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
     lines.append(" " * width + "".join(f"{i:>6}" for i in range(len(classes))))
     lines += [f"{f'{i} {c}':<{width}}" + "".join(f"{n:>6}" for n in counts)
               for i, (c, counts) in enumerate(zip(classes, rep["confusion"]))]
@@ -372,13 +466,16 @@ def report_lines(row):
 
 def write_predictions_csv(rows, path) -> None:
     """One row per test tile and checkpoint: file, true and predicted class, class probabilities,
-    and the tile's group (slide or patient) where the split is by group or slide."""
+    the tile's group (slide or patient) where it is known, and of another lab's tiles their folder
+    and the scale rule."""
     classes = rows[0]["classes"]
     grouped = any(r["groups"] for r in rows)
-    external = rows[0]["data"].get("external")  # and of external tiles: their folder, the scale rule
-    extra = ["group"] if grouped else ["folder", "scale_rule"] if external else []
+    external = rows[0]["data"].get("external")
+    extra = ["group"] * grouped + ["folder", "scale_rule"] * bool(external)
+
     def more(r, i):
-        return [r["groups"][i]] if grouped else [r["folders"][i], external["rule"]] if external else []
+        group = [r["groups"][i] if r["groups"] else ""] * grouped
+        return group + ([r["folders"][i], external["rule"]] if external else [])
 
     mpkd.write_csv(["checkpoint", "file", *extra, "true", "predicted", *(f"p_{c}" for c in classes)],
                    [[r["checkpoint"], f, *more(r, i), classes[t], classes[p], *pr] for r in rows
@@ -442,32 +539,41 @@ def find_class(name: str, classes: list[str]) -> int | None:
     return keys.index(mpkd.class_key(name)) if keys.count(mpkd.class_key(name)) == 1 else None
 
 
-def read_class_map(path: str | Path, folders: list[str], classes: list[str]) -> dict[str, str | None]:
+def read_class_map(path: str | Path, folders: list[str], classes: list[str]) -> tuple[dict, list[str]]:
     """A class map CSV: rows of (folder of the external set, class of the model), several folders
-    to one class allowed; an empty second column leaves a folder unmapped; a first row naming the
-    columns (neither a folder nor a class) is allowed. Returns {folder: class or None} as written;
-    a class the model lacks and a map naming none of `folders` are errors."""
+    to one class allowed; an empty second column leaves a folder out on purpose; a first row naming
+    the columns (neither a folder nor a class) is allowed; commas or, as spreadsheets in many
+    languages write them, semicolons between the columns. Returns {folder: class or None} as written
+    and warnings (rows naming no folder of the set). A class the model lacks, a row that differs
+    from a folder only in letter case, and a map naming none of `folders` are errors."""
     path = Path(path)
     if not path.is_file():
         raise mpkd.UserError(f"--class-map {path} does not exist")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [[cell.strip() for cell in r] for r in csv.reader(f) if any(cell.strip() for cell in r)]
+        text = path.read_text(encoding="utf-8-sig")
+        delimiter = ";" if ";" in text and "," not in text else ","
+        rows = [[cell.strip() for cell in r] for r in csv.reader(text.splitlines(), delimiter=delimiter)
+                if any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise mpkd.UserError(f"--class-map {path} is not a readable CSV ({err})") from None
     rows = [r + [""] * (2 - len(r)) for r in rows]
     if rows and rows[0][0] not in folders and rows[0][1] and find_class(rows[0][1], classes) is None:
         rows = rows[1:]  # the header
-    mapping = {}
-    for number, (folder, name, *_) in enumerate(rows, 1):
+    mapping, by_case = {}, {f.lower(): f for f in folders}
+    for folder, name, *_ in rows:
         if name and find_class(name, classes) is None:
             raise mpkd.UserError(f"--class-map {path} maps {folder} to {name}, which is not a class of the "
-                            f"model; its classes are {', '.join(classes)}")
+                                 f"model; its classes are {', '.join(classes)}")
+        if folder not in folders and folder.lower() in by_case:
+            raise mpkd.UserError(f"--class-map {path} names {folder}, the folder is {by_case[folder.lower()]}: "
+                                 f"folder names must match letter for letter, in upper and lower case too")
         mapping[folder] = classes[find_class(name, classes)] if name else None
     if not set(mapping) & set(folders):
         raise mpkd.UserError(f"--class-map {path} names none of the folders it is for ({', '.join(folders)}); "
-                        f"its first column must hold folder names")
-    return mapping
+                             f"its first column must hold folder names, its rows folder,class")
+    absent = [f for f in mapping if f not in folders]
+    return mapping, [f"warning: --class-map {path.name} names {f}, which is not a folder of the set: row ignored"
+                     for f in absent]
 
 
 def external_folder(external: str) -> tuple[Path, str | None]:
@@ -484,17 +590,20 @@ def external_folder(external: str) -> tuple[Path, str | None]:
 
 
 def external_set(external: str, class_map: str | None, image_mpp: float | None, rule: str | None,
-                 classes: list[str]) -> dict:
-    """The external tiles: files, the folder and mapped class of each, the class map and the
-    folders it skips, their scale and the scale rule that brings them to the checkpoint's scale."""
+                 classes: list[str], skip_unmapped: bool = False) -> dict:
+    """The external tiles: files, the folder and mapped class of each, the class map, every folder's
+    tiles and how many are scored (none where it is left out), the files passed over, the scale and
+    the scale rule that brings the tiles to the checkpoint's scale. A folder the class map does not
+    name is refused unless `skip_unmapped`: a note is easily missed, and every tile left out
+    changes the denominator."""
     root, name = external_folder(external)
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not mpkd.ignored(d.name))
     if not folders:
         raise mpkd.UserError(f"--external {root} holds no class folders (<folder>/<image>)")
-    known = EXTERNAL_SETS.get(name, {})
+    known, warnings = EXTERNAL_SETS.get(name, {}), []
     as_named = {f: classes[i] for f in folders if (i := find_class(f, classes)) is not None}
     if class_map:
-        mapping, source = read_class_map(class_map, folders, classes), str(class_map)
+        (mapping, warnings), source = read_class_map(class_map, folders, classes), str(class_map)
     elif known and len(as_named) < len(folders):  # a model of other classes than the set's own
         mapping, source = dict(known["class_map"]), f"{name}'s map to Kather 2016 (docs/crc-val-he-7k.csv)"
         lacking = sorted({c for c in mapping.values() if find_class(c, classes) is None})
@@ -508,24 +617,43 @@ def external_set(external: str, class_map: str | None, image_mpp: float | None, 
             raise mpkd.UserError(f"folders {', '.join(others)} of {root} are not classes of the checkpoint "
                                  f"({', '.join(classes)}): pass --class-map FILE.csv, rows of folder,class")
         mapping, source = as_named, "folder names"
+    unmapped = [f for f in folders if f not in mapping]
+    if unmapped and not skip_unmapped:
+        strays = [f for f in mapping if f not in folders]  # a typo, often: MUCUS for MUC
+        which = "which is not a folder" if len(strays) == 1 else "which are not folders"
+        raise mpkd.UserError(f"the class map ({source}) does not name the folders {', '.join(unmapped)} of {root}"
+                             + (f" (it names {', '.join(strays)}, {which})" if strays else "")
+                             + ": map them (an empty class leaves a folder out on purpose), or pass "
+                               "--skip-unmapped to score without their tiles")
+    held = {f: mpkd.list_images(root / f) for f in folders}
     used = [f for f in folders if mapping.get(f)]
     if not used:
         raise mpkd.UserError(f"nothing in {root} is mapped to a class of the checkpoint: its folders are "
                              f"{', '.join(folders)}, the classes {', '.join(classes)}; map some in --class-map")
-    files, folder_of = [], []
     for f in used:
-        found = mpkd.list_images(root / f)
-        if not found:
+        if not held[f]:
             raise mpkd.UserError(f"class folder {root / f} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)})")
-        files += [f"{f}/{x}" for x in found]
-        folder_of += [f] * len(found)
+    files = [f"{f}/{x}" for f in used for x in held[f]]
+    folder_of = [f for f in used for _ in held[f]]
     mpp = image_mpp or known.get("mpp")
+    everything = [p for p in root.rglob("*") if not mpkd.ignored(p.relative_to(root))]
     return {"folder": str(root), "name": name, "files": files, "folders": folder_of,
             "labels": [classes.index(mapping[f]) for f in folder_of], "classes": classes,
             "class_map": {f: mapping.get(f) for f in folders}, "class_map_from": source,
-            "skipped": [f for f in folders if not mapping.get(f)], "image_mpp": mpp,
-            "mpp_from": "--image-mpp" if image_mpp else f"{name}'s scale" if mpp else None,
-            "rule": mpkd.scale_rule(rule, mpp)}
+            "skipped": [f for f in folders if not mapping.get(f)], "unmapped": unmapped,
+            "tiles": {f: {"held": len(held[f]), "scored": len(held[f]) if mapping.get(f) else 0} for f in folders},
+            "other_files": sum(p.is_file() and p.suffix.lower() not in mpkd.IMAGE_SUFFIXES for p in everything),
+            "empty_folders": sum(p.is_dir() and not any(p.iterdir()) for p in everything),
+            "image_mpp": mpp, "mpp_from": "--image-mpp" if image_mpp else f"{name}'s scale" if mpp else None,
+            "rule": mpkd.scale_rule(rule, mpp), "warnings": warnings}
+
+
+def denominator(ext: dict) -> str:
+    """What the external tiles' figures are over, where folders were left out: ' (2 tiles of MUC
+    left out)'."""
+    out = [f"{t['held']} tile{'s' if t['held'] != 1 else ''} of {f}"
+           for f, t in ext["tiles"].items() if not t["scored"]]
+    return f" ({', '.join(out)} left out)" if out else ""
 
 
 def external_views(ext: dict, ckpt: dict, path, tile_um: float | None, target: dict | None, cache: dict):
@@ -535,7 +663,9 @@ def external_views(ext: dict, ckpt: dict, path, tile_um: float | None, target: d
     size, tile_um = ckpt["identity"]["img_size"], tile_um or ckpt["tile"]["um"]
     key = (size, tile_um if ext["rule"] != "resize" else None)
     if key not in cache:
-        groups, bad = mpkd.decode_views(ext["folder"], ext["files"], size, ext["rule"], ext["image_mpp"], tile_um)
+        progress = mpkd.Progress(len(ext["files"]), "tiles", print, label="decoded ")
+        groups, bad = mpkd.decode_views(ext["folder"], ext["files"], size, ext["rule"], ext["image_mpp"], tile_um,
+                                        progress)
         if bad:
             raise mpkd.UserError(f"{len(bad)} of {len(ext['files'])} tiles under {ext['folder']} do not decode: "
                                  f"{mpkd.first_few([f'{f} ({why})' for f, why in bad.items()])}; remove or "
@@ -559,14 +689,18 @@ def evaluate_external(path, ext: dict, device: torch.device, precision: str, cac
     target = mpkd.stain_target(ext["stain_norm"], ext["stain_ref"], ckpt["stain"], path)
     groups, how = external_views(ext, ckpt, path, ext["tile_um"], target, cache)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
-    logits = mpkd.view_logits(lambda x: mpkd.predict(model, x.to(device), precision).cpu(), groups, len(ext["files"]))
-    settings = {k: ext[k] for k in ("folder", "name", "class_map", "class_map_from", "skipped", "image_mpp",
-                                    "mpp_from", "rule")}
-    settings.update(how, views=sum(len(o) for _, o in groups), stain_norm=ext["stain_norm"])
+    views = sum(len(o) for _, o in groups)
+    progress = mpkd.Progress(views, "views", print, label=f"{Path(str(path)).name}: ")
+    logits = mpkd.view_logits(lambda x: mpkd.predict(model, x.to(device), precision).cpu(), groups, len(ext["files"]),
+                              progress=progress)
+    settings = {k: ext[k] for k in ("folder", "name", "class_map", "class_map_from", "skipped", "unmapped", "tiles",
+                                    "other_files", "empty_folders", "image_mpp", "mpp_from", "rule", "group_by")}
+    settings.update(how, views=views, stain_norm=ext["stain_norm"])
     labels = ext["labels"]
     row = score_row(path, ckpt, model, logits, labels, ext["files"], {"external": settings, **ckpt["identity"],
                     "folder": ext["folder"]}, [ext["folder"], mpkd.tiles_fingerprint(ext["files"], labels),
-                                               ext["rule"], ext["stain_norm"], ext["stain_ref"]])
+                                               ext["rule"], ext["stain_norm"], ext["stain_ref"]],
+                    ext["groups"], ext["group_by"])
     folders = sorted(set(ext["folders"]))
     confusion = np.zeros((len(folders), len(ext["classes"])), np.int64)
     np.add.at(confusion, ([folders.index(f) for f in ext["folders"]], row["predicted"]), 1)
@@ -577,12 +711,22 @@ def evaluate_external(path, ext: dict, device: torch.device, precision: str, cac
 
 def score_external(args, device: torch.device, precision: str) -> list[dict]:
     """--external: every checkpoint's row on the external tiles, all read the same way."""
-    first = args.checkpoints[0]
-    ext = external_set(args.external, args.class_map, args.image_mpp, args.scale_rule,
-                       mpkd.load_checkpoint(first)["identity"]["classes"])
+    first, ckpt = args.checkpoints[0], mpkd.load_checkpoint(args.checkpoints[0])
+    ext = external_set(args.external, args.class_map, args.image_mpp, args.scale_rule, ckpt["identity"]["classes"],
+                       args.skip_unmapped)
     ext.update(first=first, stain_norm=args.stain_norm, stain_ref=args.stain_ref, tile_um=args.tile_um)
-    for folder in ext["skipped"]:
-        print(f"note: {Path(ext['folder']) / folder} is not mapped to a class of the checkpoint: skipped")
+    if args.external_groups:  # the groups the tiles come from: clustered intervals
+        groups, _, more = mpkd.read_groups(args.external_groups, ext["files"], "--external-groups")
+        ext.update(groups=groups, group_by="group", warnings=ext["warnings"] + more)
+    else:
+        ext.update(zip(("groups", "group_by"), tile_groups(ext["files"], None, None)))
+    for line in ext["warnings"]:
+        print(line if line.startswith("warning") else f"warning: {line}", file=sys.stderr)
+    views, words = mpkd.tile_plan(Path(ext["folder"]) / ext["files"][0], ckpt["identity"]["img_size"], ext["rule"],
+                                  ext["image_mpp"], args.tile_um or ckpt["tile"]["um"])
+    mpkd.check_scale(args.image_mpp, args.any_mpp, words)
+    if views > mpkd.MANY_VIEWS:
+        print(f"note: {words}: about {views * len(ext['files'])} views of {len(ext['files'])} tiles to read and score")
     cache = {}  # the tiles decoded once per image size and field of view
     return [evaluate_external(path, ext, device, precision, cache) for path in args.checkpoints]
 
@@ -602,6 +746,17 @@ def external_lines(rows) -> list[str]:
         lines.append(f"  stain normalised ({ext['stain_norm']}) to {ext['stain_target_from']}"
                      + (f"; {ext['stain_unchanged']} views with too little tissue left as they were"
                         if ext.get("stain_unchanged") else ""))
+    width = max(12, *(len(f) + 2 for f in ext["tiles"]))
+    lines += [f"  {'folder':<{width}}{'tiles':>7}{'scored':>8}  as"]
+    lines += [f"  {f:<{width}}{t['held']:>7}{t['scored']:>8}  " + (ext["class_map"][f] or (
+              "left out: not in the class map (--skip-unmapped)" if f in ext["unmapped"] else "left out: mapped to "
+              "nothing")) for f, t in ext["tiles"].items()]
+    held = sum(t["held"] for t in ext["tiles"].values())
+    passed = [f"{n} {one if n == 1 else more}" for n, one, more in (
+        (ext["other_files"], "file that is not an image", "files that are not images"),
+        (ext["empty_folders"], "empty folder", "empty folders")) if n]
+    lines.append(f"  scored {row['n_test']} of the {held} tiles in {len(ext['tiles'])} folders"
+                 + (f"; passed over: {', '.join(passed)}" if passed else ""))
     if len(rows) > 1:
         return lines
     width = max(12, max(len(f) for f in row["folder_confusion"]["folders"]) + 2)
@@ -703,6 +858,14 @@ def plot_confusion(plt, row, path) -> None:
     _finish(plt, fig, path)
 
 
+def error_caption(row: dict, i: int) -> str:
+    """The caption of tile i in the error grid: its true class (and, of another lab's tiles, its
+    own folder), the class predicted and its probability."""
+    classes, predicted = row["classes"], row["predicted"][i]
+    folder = f" ({row['folders'][i]})" if row.get("folders") else ""
+    return f"true {classes[row['labels'][i]]}{folder}\npred {classes[predicted]} ({row['probs'][i][predicted]:.2f})"
+
+
 def plot_errors(plt, row, root, path, most: int = 48) -> None:
     """The misclassified test tiles, most confident mistakes first, from the original image files."""
     wrong = [i for i, ok in enumerate(row["outcomes"]) if not ok]
@@ -711,7 +874,6 @@ def plot_errors(plt, row, root, path, most: int = 48) -> None:
     cols = 8
     nrows = max(1, math.ceil(len(wrong) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(2.0 * cols, 2.35 * nrows + 0.5), squeeze=False)
-    classes = row["classes"]
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
@@ -719,9 +881,7 @@ def plot_errors(plt, row, root, path, most: int = 48) -> None:
             img = img.convert("RGB")
             img.thumbnail((256, 256))
             ax.imshow(np.asarray(img))
-        p = row["probs"][i][row["predicted"][i]]
-        ax.set_title(f"true {classes[row['labels'][i]]}\npred {classes[row['predicted'][i]]} ({p:.2f})",
-                     fontsize=7)
+        ax.set_title(error_caption(row, i), fontsize=7)
     shown = f"{len(wrong)} most confident of {row['n_test'] - row['correct']}" if wrong else "none"
     fig.suptitle(f"misclassified test tiles, {row['method']} {row['checkpoint']}: {shown}", fontsize=10)
     _finish(plt, fig, path, dpi=100)

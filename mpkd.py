@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -80,10 +81,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
     The target P_T is the teacher's softened distribution softmax(teacher / T), teacher logits
     (B, C); or, for teacher logits (B, M, C) of M teachers (a snapshot ensemble), the mean of their
-    M softened distributions, weighted by `weights` (M,) where given (normalised to sum 1; unset:
-    equal). Student logits (B, C), labels (B,). Both terms are batch means (KL
-    with reduction="batchmean", computed from log-probabilities with log_target=True, which is
-    stable for small probabilities). The paper's eq. (3) softens both networks with temperature T
+    M softened distributions, each member weighing alike (distill.py --ensemble) or as `weights`
+    (M,) say (normalised to sum 1; for a variant that weighs the stored epochs, not used by the
+    scripts). Student logits (B, C), labels (B,). Both terms are batch means (KL with
+    reduction="batchmean", computed from log-probabilities with log_target=True, which is stable
+    for small probabilities). The paper's eq. (3) softens both networks with temperature T
     and eq. (4) adds lambda * H(T, S) to the cross-entropy; H(T, S) and KL(T || S) differ by the
     teacher's entropy, a constant for the student, so the gradients agree. The T^2 factor (keeping
     the soft term's gradient scale independent of T) and the (1 - w) weighting with the paper's
@@ -92,8 +94,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
     An ensemble averages distributions, not logits: the mean of the members' logits is a product
     of their distributions (their agreement, sharpened), and it is ruled by the members with the
-    largest logits (the late epochs), whereas the mean distribution is what the ensemble predicts,
-    every member weighing alike. One member gives exactly the single-teacher loss.
+    largest logits (the late epochs), whereas the mean distribution is what the ensemble predicts.
+    One member gives exactly the single-teacher loss.
     """
     ce = F.cross_entropy(student_logits.float(), labels)
     if distill_weight == 0:
@@ -148,8 +150,9 @@ def stored_logits(stored: torch.Tensor, index: torch.Tensor, view: torch.Tensor 
     return stored[index] if view is None else stored[index, view]
 
 
-# The rest of the method as this project runs it: anchors chosen or followed, the route, and the
-# key of each method (its Table II row).
+# The rest of the method as this project runs it: softened targets, how little a stored epoch
+# teaches, and the key of each method (its Table II row). Choosing and following anchors, and the
+# route, are distill.py's alone.
 
 
 def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -166,77 +169,6 @@ def target_uniformity(logits: torch.Tensor, temperature: float) -> float:
     teacher trained from scratch starts near 1, a pretrained one well below."""
     p = soften(logits.float(), temperature)
     return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() / math.log(p.shape[-1]))
-
-
-def parse_epochs(text: str, stored: list[int], flag: str = "--anchors") -> list[int]:
-    """'5,15,30,50' -> [5, 15, 30, 50] ('all': every stored epoch), refusing epochs that the teacher
-    logits file does not hold; `flag` names the option in messages."""
-    if text == "all":
-        return sorted(stored)
-    try:
-        anchors = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"{flag} {text!r} must be comma-separated teacher epochs, "
-                        f"e.g. 5,15,30,50") from None
-    unknown = [a for a in anchors if a not in stored]
-    if not anchors or unknown:
-        raise UserError(f"{flag} {text}: epochs {unknown} are not stored; "
-                        f"stored epochs are {sorted(stored)}")
-    return anchors
-
-
-def route(student_logits: torch.Tensor, teacher_val_logits: dict[int, torch.Tensor],
-          temperature: float) -> list[dict]:
-    """How far the student is from every stored teacher epoch (the teacher's route, RCO's
-    diagnostic): student logits (N, C) and each stored epoch's teacher logits (N, C) on the same
-    validation images give KL(soften(teacher, T) || soften(student, T)) as a batch mean (the KD
-    term without its T^2 factor) and the top-1 agreement in percent."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    out = []
-    for epoch in sorted(teacher_val_logits):
-        t = teacher_val_logits[epoch].to(student_logits.device).float()
-        kl = F.kl_div(log_s, F.log_softmax(t / temperature, dim=-1), reduction="batchmean", log_target=True)
-        agreement = 100 * (t.argmax(1) == student_logits.argmax(1)).float().mean()
-        out.append({"teacher_epoch": epoch, "kl": kl.item(), "agreement": agreement.item()})
-    return out
-
-
-def next_auto_anchor(stored: list[int], current: int, distance: dict[int, float], reach: float,
-                     threshold: float, epochs_left: int, final_epochs: int) -> int:
-    """The stored teacher epoch a student following `current` moves to after an epoch (greedy, in
-    the spirit of RCO's anchor search; `--anchors auto`).
-
-    `distance[e]` is KL(teacher@e || student) on the validation images now, and `reach` the route's
-    length, the untrained student's KL from the final teacher; "close" means within
-    threshold * reach. Once the student is close to the anchor it follows, it has learnt what
-    that anchor can teach and moves on to the next stored epoch; it also jumps to any later stored
-    epoch it is already close to, taking the latest. It never moves backwards, and moves to the
-    final teacher once only `final_epochs` epochs are left (the caller passes ceil(E / K), the
-    final teacher's share in the equal-interval schedule), so it always ends on the converged one.
-    (Measuring only "the latest epoch within reach" does not work: the KD term holds the student
-    near the anchor it follows, so later anchors never come within reach.)
-    """
-    stored = sorted(stored)
-    if epochs_left <= final_epochs:
-        return stored[-1]
-    close = threshold * reach
-    later = [e for e in stored if e > current]
-    candidates = [e for e in later if distance[e] <= close]
-    if later and distance[current] <= close:  # caught up with the current anchor: on to the next
-        candidates.append(later[0])
-    return max(candidates, default=current)
-
-
-def kd_method(distill_weight: float, anchors: list[int], auto: bool = False, ensemble: bool = False) -> str:
-    """The METHODS key of a student: alone, vanilla KD (one teacher epoch), Multi-Part KD,
-    Multi-Part KD with anchors it chose itself, or a snapshot ensemble of stored epochs."""
-    if distill_weight == 0:
-        return "alone"
-    if ensemble:
-        return "ensemble"
-    if auto:
-        return "auto"
-    return "multipart" if len(anchors) > 1 else "vanilla"
 
 
 def method_name(key: str, ensemble: list[int] | None = None, stain_augment: float | None = None) -> str:
@@ -471,12 +403,12 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
 
 
 def decode_images(root: str | Path, files: list[str], size: int,
-                  progress=None) -> tuple[torch.Tensor, dict[str, str]]:
+                  progress: "Progress | None" = None) -> tuple[torch.Tensor, dict[str, str]]:
     """Decode `files` into one (N, 3, size, size) uint8 tensor, on all cores for large sets: worker
     processes write chunks straight into shared memory (threads would not help: PIL holds the GIL
     while it decodes), and every image lands in its own row, so the result is the same as decoding
     one by one. Files that cannot be decoded are returned as {file: reason}, their rows left zero.
-    `progress(done, total)` is called every 5 s of a long decode."""
+    `progress` (a Progress over the files) is told of every chunk decoded."""
     out = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
     chunk = 128
     starts = range(0, len(files), chunk)
@@ -488,7 +420,7 @@ def decode_images(root: str | Path, files: list[str], size: int,
     if parallel:
         out.share_memory_()  # torch.multiprocessing passes views of it to the workers, not copies
     jobs = [(str(root), files[i:i + chunk], out[i:i + chunk]) for i in starts]
-    bad, last, done = [], time.perf_counter(), 0
+    bad = []
     with contextlib.ExitStack() as stack:
         if parallel:
             pool = stack.enter_context(ProcessPoolExecutor(workers, multiprocessing.get_context("fork")))
@@ -497,10 +429,8 @@ def decode_images(root: str | Path, files: list[str], size: int,
             results = map(_decode_into, jobs)
         for failed, job in zip(results, jobs):
             bad += failed
-            done += len(job[1])
-            if progress is not None and time.perf_counter() - last > 5 and done < len(files):
-                progress(done, len(files))
-                last = time.perf_counter()
+            if progress is not None:
+                progress.update(len(job[1]))
     return out, dict(bad)
 
 
@@ -513,7 +443,7 @@ def _shm_room() -> int:
         return 0
 
 
-def load_images(root: str | Path, files: list[str], size: int, progress=None) -> torch.Tensor:
+def load_images(root: str | Path, files: list[str], size: int, progress: "Progress | None" = None) -> torch.Tensor:
     """Decode `files` once into a (N, 3, size, size) uint8 tensor; any undecodable file is an
     error that names every bad file, not only the first."""
     images, bad = decode_images(root, files, size, progress)
@@ -540,20 +470,20 @@ GROUP_FILE_COLUMNS = ("file", "path", "filename", "image", "tile")  # header nam
 GROUP_COLUMNS = ("group", "slide", "patient", "case", "subject")
 
 
-def read_groups(path: str | Path, files: list[str]) -> tuple[list[str], list[str], list[str]]:
+def read_groups(path: str | Path, files: list[str], flag: str = "--groups") -> tuple[list, list, list]:
     """The group (slide or patient) of every file, from a CSV whose header names a file column
     (file, path, filename, image or tile; relative to --data) and a group column (group, slide,
     patient, case or subject), or has exactly two columns of any names. Returns the groups, a line
     naming the columns taken, and warnings (rows naming files that are not in the data). A data file
-    the CSV does not name is an error."""
+    the CSV does not name is an error; `flag` names the option in messages."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--groups {path} does not exist")
+        raise UserError(f"{flag} {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's byte-order mark
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"--groups {path} is not a readable CSV ({err})") from None
+        raise UserError(f"{flag} {path} is not a readable CSV ({err})") from None
     header = [h.strip() for h in rows[0]] if rows else []
     lower = [h.lower() for h in header]
     pick = lambda names: next((lower.index(n) for n in names if n in lower), None)
@@ -562,14 +492,14 @@ def read_groups(path: str | Path, files: list[str]) -> tuple[list[str], list[str
         file_col, group_col = 0, 1
     headerless = file_col is not None and Path(header[file_col]).as_posix() in set(files)
     if file_col is None or group_col is None or len(rows) < 2 or headerless:
-        raise UserError(f"--groups {path} needs a header naming a file column ({', '.join(GROUP_FILE_COLUMNS)}) "
+        raise UserError(f"{flag} {path} needs a header naming a file column ({', '.join(GROUP_FILE_COLUMNS)}) "
                         f"and a group column ({', '.join(GROUP_COLUMNS)}), or exactly two columns, and one "
                         f"row per image; its header is {','.join(header) or 'empty'}")
     group_of = {Path(r[file_col].strip()).as_posix(): r[group_col].strip()
                 for r in rows[1:] if len(r) > max(file_col, group_col) and r[file_col].strip()}
     missing = [f for f in files if not group_of.get(f)]
     if missing:
-        raise UserError(f"--groups {path} names no group for {len(missing)} of {len(files)} images, "
+        raise UserError(f"{flag} {path} names no group for {len(missing)} of {len(files)} images, "
                         f"e.g. {', '.join(missing[:3])}")
     known = set(files)
     absent = [f for f in group_of if f not in known]
@@ -800,12 +730,12 @@ def few_batches_note(n_train: int, batch_size: int) -> str | None:
             f"epochs also help (README, Five minutes on a CPU).")
 
 
-def load_part(data: dict, part: str, device: torch.device, progress=None) -> dict:
+def load_part(data: dict, part: str, device: torch.device, say=None) -> dict:
     """Decode one part of the split onto `device`: uint8 images (N, 3, S, S) and labels (N,);
-    `progress(done, total)` is called every few seconds of a long decode."""
+    `say` prints the progress of a long decode (Progress)."""
     idx = data["split"][part]
-    images = load_images(data["root"], [data["files"][i] for i in idx], data["identity"]["img_size"],
-                         progress)
+    progress = Progress(len(idx), "images", say, label=f"decoded ({part}) ") if say else None
+    images = load_images(data["root"], [data["files"][i] for i in idx], data["identity"]["img_size"], progress)
     labels = torch.tensor([data["labels"][i] for i in idx], dtype=torch.long)
     return {"images": images.to(device), "labels": labels.to(device),
             "files": [data["files"][i] for i in idx],
@@ -821,8 +751,7 @@ def decode_for_training(data: dict, device: torch.device, batch_size: int, say, 
         warn(f"warning: {line}")
     check_images_open(data)
     check_memory(data, ("train", "val"), device)
-    progress = lambda done, total: say(f"  decoded {done} / {total} images")
-    train, val = load_part(data, "train", device, progress), load_part(data, "val", device, progress)
+    train, val = load_part(data, "train", device, say), load_part(data, "val", device, say)
     note = few_batches_note(len(train["labels"]), batch_size)
     if note:
         warn(note)
@@ -1123,8 +1052,8 @@ def pick_device(name: str) -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively: CUDA compute capability 8.0 and newer (A100, H100,
-    RTX 30xx and later). Older GPUs (T4, V100) emulate it slowly; the CPU has it but MixNet's
-    depthwise convolutions run slower in it there (docs/performance.md)."""
+    RTX 30xx and later). Older GPUs (T4, V100) emulate it; on the CPU bf16 runs only when asked
+    (--amp), so that the tests run the GPU's autocast lines there."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -1477,8 +1406,7 @@ def load_test_split(ckpt: dict, path, data_dir: str | None, groups_file: str | N
             say(note)
         data = load_dataset(*key, classes_of=(ident["classes"], path))  # the folder first
         check_memory(data, ("test",), device)
-        progress = lambda done, total: say(f"  decoded {done} / {total} test images")
-        cache[key] = (data, load_part(data, "test", device, progress))
+        cache[key] = (data, load_part(data, "test", device, say))
     data, part = cache[key]
     differ = mismatches(ident, data["identity"])
     if differ:
@@ -1491,6 +1419,8 @@ def load_test_split(ckpt: dict, path, data_dir: str | None, groups_file: str | N
 # a known field of view (the tile record: px, mpp, um) shown each tile at that scale, by a rule.
 
 SCALE_RULES = ("crop", "cover", "whole", "resize")
+SCANNER_MPP = (0.05, 2.0)  # um/px that slide scanners and microscope cameras write; outside: a typo, 5 for 0.5
+MANY_VIEWS = 16  # views per tile above which a run says, before it starts, how much it will read
 DEFAULT_SCALE_RULE = "cover"  # measured on the real tiles against crop, whole and resize: docs/generalisation.md
 
 
@@ -1554,10 +1484,34 @@ def rule_line(rule: str, views: int, tiles: int) -> str:
     return f"scale rule {rule}: the network saw of each tile {seen} ({views} views of {tiles} tiles)"
 
 
+def check_scale(mpp: float | None, any_mpp: bool, consequence: str) -> None:
+    """Refuse a --image-mpp outside SCANNER_MPP unless `any_mpp` (--any-mpp), saying what it would
+    mean (`consequence`: the views per tile, the window in pixels), before any work."""
+    lo, hi = SCANNER_MPP
+    if mpp is not None and not lo <= mpp <= hi and not any_mpp:
+        raise UserError(f"--image-mpp {mpp:g} is outside {lo:g}-{hi:g} um/px, the scales scanners write: "
+                        f"{consequence}; pass --any-mpp to use it on purpose")
+
+
+def tile_plan(path: str | Path, size: int, rule: str, mpp: float | None, tile_um: float) -> tuple[int, str]:
+    """How many views a scale rule makes of a tile like `path`, and in words why: (4, 'a 224 x 224
+    px tile at 0.5 um/px (112 x 112 um) gives 4 views of the 74.25 um training field')."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except UNREADABLE:
+        return 1, f"{Path(path).name} does not open"
+    views = len(view_boxes(width, height, size, rule, mpp, tile_um))
+    scale = f" at {mpp:g} um/px ({width * mpp:.4g} x {height * mpp:.4g} um)" if mpp else ""
+    return views, (f"a {width} x {height} px tile{scale} gives {views} view{'s' if views > 1 else ''} of the "
+                   f"{tile_um:.4g} um training field")
+
+
 def decode_views(root, files: list[str], size: int, rule: str, mpp: float | None,
-                 tile_um: float | None) -> tuple[list, dict[str, str]]:
+                 tile_um: float | None, progress: "Progress | None" = None) -> tuple[list, dict[str, str]]:
     """Every file's views (tile_views), grouped by shape: [(uint8 (m, 3, h, w), owner (m,))]
-    where owner is the index of each view's file; and {file: reason} of files that do not decode."""
+    where owner is the index of each view's file; and {file: reason} of files that do not decode.
+    `progress` (a Progress over the files) is told of every file decoded."""
     def views(name):
         try:
             with Image.open(Path(root) / name) as img:
@@ -1565,8 +1519,12 @@ def decode_views(root, files: list[str], size: int, rule: str, mpp: float | None
         except UNREADABLE as err:
             return str(err) or type(err).__name__
 
+    decoded = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL resizes without the GIL
-        decoded = list(pool.map(views, files))
+        for got in pool.map(views, files):
+            decoded.append(got)
+            if progress is not None:
+                progress.update(1)
     groups, bad = {}, {}
     for i, (name, got) in enumerate(zip(files, decoded)):
         if isinstance(got, str):
@@ -1579,16 +1537,22 @@ def decode_views(root, files: list[str], size: int, rule: str, mpp: float | None
     return [(torch.from_numpy(np.stack(v)), torch.tensor(o)) for v, o in groups.values()], bad
 
 
-def view_logits(logits_of, groups: list, n: int, tta: bool = False) -> torch.Tensor:
-    """Logits (n, C) of n tiles: the mean over each tile's views (and, with `tta`, their mirrors)."""
+def view_logits(logits_of, groups: list, n: int, tta: bool = False,
+                progress: "Progress | None" = None) -> torch.Tensor:
+    """Logits (n, C) of n tiles: the mean over each tile's views (and, with `tta`, their mirrors),
+    computed 1024 views at a time; `progress` (a Progress over the views) is told of each."""
     sums, counts = None, torch.zeros(n)
-    for views, owner in groups:
-        logits = logits_of(views).float()
-        if tta:  # the two views the teacher logits cover: the tile and its mirror
-            logits = (logits + logits_of(views.flip(3)).float()) / 2
-        sums = torch.zeros(n, logits.shape[1]) if sums is None else sums
-        sums.index_add_(0, owner, logits)
-        counts.index_add_(0, owner, torch.ones(len(owner)))
+    for all_views, all_owners in groups:
+        for first in range(0, len(all_views), 1024):
+            views, owner = all_views[first:first + 1024], all_owners[first:first + 1024]
+            logits = logits_of(views).float()
+            if tta:  # the two views the teacher logits cover: the tile and its mirror
+                logits = (logits + logits_of(views.flip(3)).float()) / 2
+            sums = torch.zeros(n, logits.shape[1]) if sums is None else sums
+            sums.index_add_(0, owner, logits)
+            counts.index_add_(0, owner, torch.ones(len(owner)))
+            if progress is not None:
+                progress.update(len(views))
     return sums / counts[:, None]
 
 
@@ -1685,25 +1649,24 @@ FILE_KINDS = {CHECKPOINT_FORMAT: "a checkpoint (a model, written by train_teache
               STATE_FORMAT: "the resumable state of an interrupted run (*.state.pt, for --resume)"}
 
 
-def load_file(path: str | Path, kind: str | tuple[str, ...], wanted: str | None = None) -> dict:
-    """torch.load(weights_only=True) a file of `kind` (CHECKPOINT_FORMAT, ... or a tuple of formats
-    any of which is accepted), refusing anything else with what it is and what to pass (`wanted`,
-    else the kind's FILE_KINDS line)."""
-    kinds = (kind,) if isinstance(kind, str) else kind
+def load_file(path: str | Path, kind: str, wanted: str | None = None) -> dict:
+    """torch.load(weights_only=True) a file of `kind` (CHECKPOINT_FORMAT, ...), refusing anything
+    else with what it is and what to pass (`wanted`, else the kind's FILE_KINDS line)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
+    wanted = wanted or FILE_KINDS[kind]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, a pickle of arbitrary objects
-        raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") not in kinds:
+    except Exception as err:  # truncated zip, random bytes, a text file, a pickle of arbitrary objects
+        raise UserError(f"{path} is corrupt or not a torch file ({type(err).__name__}); pass {wanted}") from None
+    if not isinstance(obj, dict) or obj.get("format") != kind:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         if str(found).startswith("mpkd-") and found not in FILE_KINDS:
             raise UserError(f"{path} was written by an earlier version of this code ({found}): re-run "
                             f"the command that made it with the current code")
         what = f"{FILE_KINDS[found]} ({found})" if found in FILE_KINDS else f"something else ({found})"
-        raise UserError(f"{path} is not a {kinds[0]} file: it is {what}; pass {wanted or FILE_KINDS[kinds[0]]}")
+        raise UserError(f"{path} is not a {kind} file: it is {what}; pass {wanted}")
     return obj
 
 
@@ -1735,6 +1698,35 @@ def median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) -
         if i >= warmup:
             times[k].append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
+
+
+class Progress:
+    """The progress of a job longer than a few seconds, counted in `unit`s: a tqdm bar where stderr
+    is a terminal and tqdm is installed; else, so that logs stay clean, a line through `say` every
+    `every` seconds with what is done, the rate and the time left (none for a short job)."""
+
+    def __init__(self, total: int, unit: str, say, label: str = "", every: float = 5.0):
+        self.total, self.unit, self.say, self.label, self.every = total, unit, say, label, every
+        self.done, self.start = 0, time.perf_counter()
+        self.last, self.bar = self.start, None
+        if sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit=f" {unit}", desc=label.strip(), leave=False, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.done >= self.total:
+                self.bar.close()
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            rate = self.done / (now - self.start)
+            self.say(f"  {self.label}{self.done} / {self.total} {self.unit}, {rate:.0f} {self.unit}/s, "
+                     f"{(self.total - self.done) / rate:.0f} s left")
+            self.last = now
 
 
 def first_few(items: list[str], most: int = 10) -> str:

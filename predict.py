@@ -66,6 +66,9 @@ def get_args(argv=None):
     p.add_argument("--image-mpp", type=float, default=None,
                    help="microns per pixel of the images (unset: for --map their metadata; for --images "
                         "the training tiles' scale, i.e. resized whole)")
+    p.add_argument("--any-mpp", action="store_true",
+                   help=f"accept an --image-mpp outside {mpkd.SCANNER_MPP[0]:g}-{mpkd.SCANNER_MPP[1]:g} um/px, "
+                        f"the scales scanners write")
     p.add_argument("--scale-rule", choices=mpkd.SCALE_RULES, default=None,
                    help="--images with a known scale: crop (the training field of view at the training "
                         "scale, centred), cover (the fewest such fields covering the tile, logits "
@@ -99,6 +102,8 @@ def check_args(args) -> None:
         raise mpkd.UserError(f"--image-mpp {args.image_mpp} must be positive: microns per pixel (0.5 at 20x)")
     if args.stain_ref and not args.stain_norm:
         raise mpkd.UserError("--stain-ref is for --stain-norm")
+    if args.any_mpp and not args.image_mpp:
+        raise mpkd.UserError("--any-mpp is for --image-mpp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,9 +175,13 @@ def predict_images(args, device: torch.device) -> dict:
     if rule == "whole" and predictor["path"].endswith(".onnx"):
         raise mpkd.UserError(f"--scale-rule whole makes inputs of another size than the {predictor['size']} px "
                              f"{predictor['path']} takes: use crop or cover, or the checkpoint")
+    tile_um = args.tile_um or predictor["tile_um"]
+    views, words = mpkd.tile_plan(folder / files[0], predictor["size"], rule, args.image_mpp, tile_um)
+    mpkd.check_scale(args.image_mpp, args.any_mpp, words)
+    if views > mpkd.MANY_VIEWS:
+        print(f"note: {words}: about {views * len(files)} views of {len(files)} tiles to read and predict")
     target = mpkd.stain_target(args.stain_norm, args.stain_ref, predictor["stain"], predictor["path"])
-    pred = predict_folder(folder, files, predictor, rule, args.image_mpp, args.tile_um or predictor["tile_um"],
-                          target, args.stain_norm, args.tta)
+    pred = predict_folder(folder, files, predictor, rule, args.image_mpp, tile_um, target, args.stain_norm, args.tta)
     print("\n".join(images_report(pred, out)))
     return pred
 
@@ -190,7 +199,8 @@ def predict_folder(folder: Path, files: list[str], predictor: dict, rule: str, i
         sample = files[::-(-len(files) // mpkd.STAIN_TILES)]  # the tiles whose estimates give the median
         source = mpkd.folder_stain([views for views, _ in read(sample)[0]])
     results, bad, views, unchanged = [], {}, 0, 0
-    for i, chunk in enumerate(chunks):
+    progress = mpkd.Progress(len(files), "images", print)
+    for chunk in chunks:
         groups, errors = read(chunk)
         bad.update(errors)
         if target is not None:
@@ -200,8 +210,7 @@ def predict_folder(folder: Path, files: list[str], predictor: dict, rule: str, i
         if groups:
             probs = torch.softmax(mpkd.view_logits(predictor["logits"], groups, len(chunk), tta), 1)
             results += [(f, probs[j]) for j, f in enumerate(chunk) if f not in errors]
-        if len(files) > IMAGES_CHUNK:
-            print(f"  {min((i + 1) * IMAGES_CHUNK, len(files))} / {len(files)} images", flush=True)
+        progress.update(len(chunk))
     return {"checkpoint": predictor["path"], "classes": predictor["classes"], "results": results, "bad": bad,
             "files": files, "scale": mpkd.rule_line(rule, views, len(results)), "stain": target and
             f"stain normalised ({stain_norm}) to {target['from']}"
@@ -519,9 +528,14 @@ def plan_map(path: Path, predictor: dict, settings: dict, image_mpp: float | Non
             stain = mpkd.macenko_fit(torch.from_numpy(np.asarray(coarse)[mask]))
         except ValueError as err:
             raise mpkd.UserError(f"{path.name} holds too little stained tissue to estimate its stain ({err})") from None
-    return {"reader": reader, "thumbnail": np.asarray(thumb), "mpp": mpp, "mpp_from": "--image-mpp" if image_mpp
-            else "metadata", "level": level, "level_mpp": mpp * reader.downsamples[level], "window_px": window,
-            "stride_px": stride, "read_px": max(1, round(window / reader.downsamples[level])), "tile_um": tile_um,
+    read_px = max(1, round(window / reader.downsamples[level]))
+    note = (f"note: {path.name}: its windows are {read_px} px, enlarged to the network's {predictor['size']} px: "
+            f"at {mpp:g} um/px ({'--image-mpp' if image_mpp else 'its metadata'}) the image is much coarser than the "
+            f"training tiles; {len(origins)} windows" if read_px < predictor["size"] / 2 else None)
+    return {"reader": reader, "thumbnail": np.asarray(thumb), "mpp": mpp, "note": note,
+            "mpp_from": "--image-mpp" if image_mpp else "metadata", "level": level,
+            "level_mpp": mpp * reader.downsamples[level], "window_px": window, "stride_px": stride,
+            "read_px": read_px, "tile_um": tile_um,
             "todo": origins if not settings["mask"] else origins[share >= MIN_TISSUE], "n_windows": len(origins),
             "n_tissue": int((share >= MIN_TISSUE).sum()), "threshold": threshold, "size": (width, height),
             "stain": stain, "tint": tuple(int(v) for v in np.median(np.asarray(coarse)[mask], 0)) if mask.any()
@@ -535,18 +549,13 @@ def classify_windows(path: Path, plan: dict, predictor: dict, target: dict | Non
     waited for the image before it); the image is let go."""
     todo, reader = plan.pop("todo"), plan.pop("reader")
     probs, start = [], time.perf_counter()
-    last = start
+    progress = mpkd.Progress(len(todo), "windows", say, label=f"{path.name}: ")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for batch in window_batches(reader, todo, plan, predictor["size"], pool):
             if target is not None:  # from the image's stain, or each window's own
                 batch = mpkd.normalise_stain(batch, plan["stain"], target)[0]
             probs.append(torch.softmax(predictor["logits"](batch).float(), 1).numpy())
-            done, now = sum(len(p) for p in probs), time.perf_counter()
-            if now - last > 5 and done < len(todo):
-                rate = done / (now - start)
-                say(f"  {path.name}: {done} / {len(todo)} windows, {rate:.0f} windows/s, "
-                    f"ETA {(len(todo) - done) / rate:.0f} s")
-                last = now
+            progress.update(len(batch))
     return {**plan, "origins": todo, "seconds": plan["setup_seconds"] + time.perf_counter() - start,
             "probs": np.concatenate(probs) if probs else np.zeros((0, len(predictor["classes"])), np.float32)}
 
@@ -767,6 +776,9 @@ def map_images(args, device: torch.device) -> list[str]:
         predictor = load_predictor(args.model[0], device, mpkd.pick_precision(device, args.amp))
         target = mpkd.stain_target(args.stain_norm, args.stain_ref, predictor["stain"], predictor["path"])
         tile_um = args.tile_um or predictor["tile_um"]
+        if args.image_mpp:
+            mpkd.check_scale(args.image_mpp, args.any_mpp, f"a window of the {tile_um:.4g} um training field would be "
+                                                           f"{round(tile_um / args.image_mpp)} px of the image")
         settings = {"window_um": tile_um, "stride_um": args.stride or tile_um, "mask": not args.no_mask,
                     "stain_norm": args.stain_norm, "stain_ref": args.stain_ref}  # what a map depends on
         return map_folder(images, predictor, settings, args.image_mpp, target, args.overwrite, out_dir)
@@ -820,7 +832,11 @@ def map_folder(images: list[Path], predictor: dict, settings: dict, image_mpp: f
         for i, path in enumerate(todo):
             plan, planned = planned, plan_of(todo[i + 1]) if i + 1 < len(todo) else None
             try:
-                plan = classify_windows(path, plan.result(), predictor, target, print)
+                plan = plan.result()
+                note = plan.pop("note")
+                if note:
+                    print(note, flush=True)
+                plan = classify_windows(path, plan, predictor, target, print)
             except Exception as err:
                 fail(path, err)
                 continue

@@ -5,6 +5,7 @@ models are in conftest.py; predict.py and export.py have test files of their own
     python -m pytest -q test_mpkd.py
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -28,8 +29,8 @@ import export
 import mpkd
 import predict
 import train_teacher
-from conftest import (FAST, HERE, SAMPLES, external_folder, make_dataset, parser_of, read_csv, run_script,
-                      standin_tile, student_argv, teacher_argv, without_timing)
+from conftest import (CRC_SAMPLES, FAST, HERE, LAYOUT, SAMPLES, external_folder, layout_pixels, make_dataset, parser_of,
+                      read_csv, run_script, standin_tile, student_argv, teacher_argv, without_timing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,11 +104,11 @@ def test_schedule_refuses_empty():
 
 
 def test_stored_epochs_are_parsed_and_unknown_ones_refused():
-    assert mpkd.parse_epochs("50, 5,15,30", [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]) == [5, 15, 30, 50]
+    assert distill.parse_epochs("50, 5,15,30", [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]) == [5, 15, 30, 50]
     with pytest.raises(mpkd.UserError, match=r"\[7\].*stored epochs are \[5, 10\]"):
-        mpkd.parse_epochs("5,7", [5, 10])
+        distill.parse_epochs("5,7", [5, 10])
     with pytest.raises(mpkd.UserError):
-        mpkd.parse_epochs("five", [5])
+        distill.parse_epochs("five", [5])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +207,8 @@ def test_classification_report_against_hand_computed_values():
     assert rep["f1"] == pytest.approx([80, 50, 200 / 3, 0])
     assert rep["accuracy"] == pytest.approx(400 / 6)
     assert rep["balanced_accuracy"] == pytest.approx((200 / 3 + 50 + 100) / 3)  # class 3 is absent
-    assert rep["macro_f1"] == pytest.approx((80 + 50 + 200 / 3) / 4)
+    assert rep["macro_f1"] == pytest.approx((80 + 50 + 200 / 3) / 3)  # class 3 is absent here too
+    assert rep["absent"] == [3]
     assert rep["support"] == [3, 2, 1, 0]
 
 
@@ -308,8 +310,8 @@ def test_teacher_to_multipart_student_to_evaluate(trained, data_dir, tmp_path, c
     single = capsys.readouterr().out
     assert "confusion matrix" in single and "macro-F1" in single
     lines = csv_path.read_text().splitlines()
-    assert len(lines) == 9 and lines[0].startswith("checkpoint,file,true,predicted,p_01_CLASS0")
-    assert sum(line.split(",")[2] == line.split(",")[3] for line in lines[1:]) == round(expected * 8 / 100)
+    assert len(lines) == 9 and lines[0].startswith("checkpoint,file,group,true,predicted,p_01_CLASS0")  # the slide
+    assert sum(line.split(",")[3] == line.split(",")[4] for line in lines[1:]) == round(expected * 8 / 100)
 
 
 def test_report_intervals_and_mcnemar_agree_with_the_predictions_csv(trained, student, data_dir, tmp_path):
@@ -829,6 +831,24 @@ def test_readme_five_minute_block_runs_as_pasted_twice(tmp_path):
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"learning_curves.png", "table2.png"}
 
 
+@pytest.mark.skipif(not (SAMPLES.is_dir() and CRC_SAMPLES.is_dir()), reason="the real sample tiles are not here")
+def test_readme_real_tissue_block_runs_on_the_sample_tiles(tmp_path):
+    (code,) = [code for heading, code in _readme_blocks() if heading.startswith("## Real tissue")]
+    code = (code.replace("K=data/Kather_texture_2016_image_tiles_5000", f"K={SAMPLES}")  # the samples for the sets
+            .replace("--external crc-val-he-7k", f"--external {CRC_SAMPLES} --image-mpp 0.5 "
+                                                 f"--class-map {HERE / 'docs' / 'crc-val-he-7k.csv'}")
+            .replace("data/CRC-VAL-HE-7K", str(CRC_SAMPLES)).replace("python docs/", f"python {HERE / 'docs'}/"))
+    for name in ("mpkd.py", "distill.py", "evaluate.py"):
+        (tmp_path / name).write_bytes((HERE / name).read_bytes())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scored 16 of the 16 tiles in 8 folders" in proc.stdout  # another lab's tiles, every one counted
+    with Image.open(tmp_path / "tissue-map" / "maps" / "mosaic_overlay.png") as overlay:
+        assert overlay.width > 1000  # the mosaic and its map side by side, with the legend
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs: one clear line, exit status 2, nothing overwritten
 
@@ -1267,7 +1287,7 @@ def test_route_in_the_log_equals_a_direct_computation(trained, student, data_dir
 
 def test_next_auto_anchor_on_a_crafted_route():
     stored = [5, 10, 15, 20]
-    step = lambda current, now, threshold=0.2, left=20: mpkd.next_auto_anchor(stored, current, now, 1.0,
+    step = lambda current, now, threshold=0.2, left=20: distill.next_auto_anchor(stored, current, now, 1.0,
                                                                              threshold, left, final_epochs=5)
     assert step(5, {5: 0.5, 10: 0.8, 15: 0.9, 20: 1.0}) == 5  # not close to anything yet
     assert step(5, {5: 0.15, 10: 0.8, 15: 0.9, 20: 1.0}) == 10  # close to its anchor: on to the next
@@ -1282,7 +1302,7 @@ def test_next_auto_anchor_on_a_crafted_route():
             {5: 0.5, 10: 0.3, 15: 0.3, 20: 0.6}, {5: 0.5, 10: 0.3, 15: 0.1, 20: 0.5}]
     current, chosen = 5, []
     for epoch, now in enumerate(walk):
-        current = mpkd.next_auto_anchor(stored, current, now, 1.0, 0.2, epochs_left=8 - epoch - 1, final_epochs=2)
+        current = distill.next_auto_anchor(stored, current, now, 1.0, 0.2, epochs_left=8 - epoch - 1, final_epochs=2)
         chosen.append(current)
     assert chosen == [5, 10, 15, 15, 15, 20]
 
@@ -1330,11 +1350,12 @@ def test_class_map_header_several_to_one_unmapped_and_refusals(tmp_path):
     classes, folders = ["01_TUMOR", "02_STROMA", "05_DEBRIS"], ["DEB", "MUC", "MUS", "STR", "TUM", "X"]
     path = tmp_path / "map.csv"
     path.write_text("folder,class\nTUM,01_TUMOR\nSTR,STROMA\nMUS,02_STROMA\nDEB,05_DEBRIS\nMUC,\nBACK,\n")
-    mapping = evaluate.read_class_map(path, folders, classes)
+    mapping, warnings = evaluate.read_class_map(path, folders, classes)
     assert mapping == {"TUM": "01_TUMOR", "STR": "02_STROMA", "MUS": "02_STROMA", "DEB": "05_DEBRIS",
                        "MUC": None, "BACK": None}  # 'STROMA' is 02_STROMA; X is not listed: unmapped too
+    assert len(warnings) == 1 and "BACK" in warnings[0]  # a row naming no folder of the set
     path.write_text("TUM,01_TUMOR\nSTR,02_STROMA\n")  # no header: the first row is data
-    assert evaluate.read_class_map(path, folders, classes) == {"TUM": "01_TUMOR", "STR": "02_STROMA"}
+    assert evaluate.read_class_map(path, folders, classes) == ({"TUM": "01_TUMOR", "STR": "02_STROMA"}, [])
     path.write_text("folder,class\nTUM,TUMOUR\n")
     with pytest.raises(mpkd.UserError, match="TUM to TUMOUR, which is not a class.*01_TUMOR, 02_STROMA, 05_DEBRIS"):
         evaluate.read_class_map(path, folders, classes)
@@ -1491,7 +1512,7 @@ def test_external_set_at_its_scale_with_a_class_map_and_its_report_recomputed(ma
     [row] = run("--image-mpp", 0.2475, "--scale-rule", "crop", "--json", tmp_path / "r.json", "--predictions",
                 tmp_path / "p.csv")
     out = capsys.readouterr().out
-    assert row["accuracy"] == 100 and row["n_test"] == 12 and "unused is not mapped" in out
+    assert row["accuracy"] == 100 and row["n_test"] == 12 and "left out: mapped to nothing" in out
     assert "scale rule crop" in out and "zero -> 01_CLASS0" in out and "unused -> skipped" in out
     [squeezed] = run()  # no scale: resized whole, the border (three quarters of the tile) mostly wins
     assert squeezed["accuracy"] <= 50 and "resized whole" in capsys.readouterr().out
@@ -1521,7 +1542,7 @@ def test_external_bad_inputs_are_one_line_before_any_scoring(map_model, tmp_path
     cmap.write_text("zero,TUMOUR\n")
     with pytest.raises(mpkd.UserError, match="not a class of the model; its classes are 01_CLASS0"):
         run("--class-map", cmap)
-    cmap.write_text("folder,class\nzero,\none,\n")
+    cmap.write_text("folder,class\nzero,\none,\ntwo,\nthree,\n")
     with pytest.raises(mpkd.UserError, match="nothing in .* is mapped"):
         run("--class-map", cmap)
     cmap.write_text("folder,class\nzero,01_CLASS0\n")
@@ -1529,14 +1550,164 @@ def test_external_bad_inputs_are_one_line_before_any_scoring(map_model, tmp_path
         with pytest.raises(mpkd.UserError, match=f"--image-mpp {float(bad)} must be positive"):
             run("--class-map", cmap, "--image-mpp", bad)
     with pytest.raises(mpkd.UserError, match="--scale-rule cover needs the tiles' scale"):
-        run("--class-map", cmap, "--scale-rule", "cover")
+        run("--class-map", cmap, "--scale-rule", "cover", "--skip-unmapped")
     with pytest.raises(mpkd.UserError, match="--class-map is for --external"):
         evaluate.main(evaluate.get_args([str(map_model), "--class-map", str(cmap)]))
     (root / "zero" / "broken.png").write_bytes(b"not a png")
-    proc = run_script("evaluate.py", map_model, "--external", root, "--class-map", cmap, "--device", "cpu",
-                      cwd=tmp_path)
+    proc = run_script("evaluate.py", map_model, "--external", root, "--class-map", cmap, "--skip-unmapped",
+                      "--device", "cpu", cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and err.count("\n") == 1 and "zero/broken.png" in err and "Method" not in out
+
+
+def test_every_external_tile_is_accounted_for(map_model, tmp_path, capsys):
+    root = external_folder(tmp_path / "ext", np.random.default_rng(0))
+    (root / "notes.txt").write_text("not a tile")
+    (root / "zero" / "empty").mkdir()
+    cmap = tmp_path / "map.csv"  # semicolons, as spreadsheets in many languages write them, and a typo: THRE
+    cmap.write_text("folder;class\nzero;01_CLASS0\none;02_CLASS1\ntwo;03_CLASS2\nTHRE;04_CLASS3\n")
+    argv = [map_model, "--external", root, "--class-map", cmap, "--device", "cpu"]
+    proc = run_script("evaluate.py", *argv, cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.splitlines()[-1].startswith("error: the class map")
+    assert re.search(r"does not name the folders three of .* \(it names THRE, which is not a folder\): .* "
+                     r"--skip-unmapped", err) and "Traceback" not in err
+    [row] = evaluate.main(evaluate.get_args([*map(str, argv), "--skip-unmapped", "--json", str(tmp_path / "r.json")]))
+    out, err = capsys.readouterr()
+    assert "warning: --class-map map.csv names THRE, which is not a folder of the set" in err
+    ext = json.loads((tmp_path / "r.json").read_text())["checkpoints"][0]["data"]["external"]
+    assert ext["tiles"] == {"one": {"held": 3, "scored": 3}, "three": {"held": 3, "scored": 0},
+                            "two": {"held": 3, "scored": 3}, "zero": {"held": 3, "scored": 3}}
+    assert (ext["unmapped"], ext["other_files"], ext["empty_folders"]) == (["three"], 1, 1)
+    assert row["n_test"] == 9 and f"over the 9 tiles of {root} (3 tiles of three left out)" in out
+    assert re.search(r"\n  three +3 +0  left out: not in the class map \(--skip-unmapped\)\n", out)
+    assert "scored 9 of the 12 tiles in 4 folders; passed over: 1 file that is not an image, 1 empty folder" in out
+    cmap.write_text("folder,class\nZERO,01_CLASS0\n")
+    with pytest.raises(mpkd.UserError, match="names ZERO, the folder is zero: folder names must match letter for"):
+        evaluate.main(evaluate.get_args([*map(str, argv), "--skip-unmapped"]))
+
+
+def test_an_implausible_image_scale_is_refused_before_any_work(map_model, tmp_path, capsys):
+    root = external_folder(tmp_path / "ext", np.random.default_rng(0))  # 160 px tiles; the field is 19.8 um
+    views = len(mpkd.view_boxes(160, 160, 32, "cover", 5.0, 19.8))
+    refused = (rf"--image-mpp 5 is outside 0.05-2 um/px, the scales scanners write: a 160 x 160 px tile at 5 um/px "
+               rf"\(800 x 800 um\) gives {views} views of the 19.8 um training field; pass --any-mpp")
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("zero,01_CLASS0\none,02_CLASS1\ntwo,03_CLASS2\nthree,04_CLASS3\n")
+    with pytest.raises(mpkd.UserError, match=refused):
+        evaluate.main(evaluate.get_args([str(map_model), "--external", str(root), "--class-map", str(cmap),
+                                         "--image-mpp", "5", "--device", "cpu"]))
+    with pytest.raises(mpkd.UserError, match=refused):
+        predict.main(predict.get_args([str(map_model), "--images", str(root), "--image-mpp", "5"]))
+    Image.fromarray(layout_pixels(LAYOUT[:2, :3], 40)).save(tmp_path / "a.png")
+    with pytest.raises(mpkd.UserError, match="outside 0.05-2 um/px.*: a window of the 19.8 um training field would be "
+                                             "4 px of the image; pass --any-mpp"):
+        predict.main(predict.get_args([str(map_model), "--map", str(tmp_path / "a.png"), "--image-mpp", "5"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "ext", "map.csv"]  # no maps folder either
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "t.png").write_bytes((root / "zero" / "zero_0.png").read_bytes())
+    predict.main(predict.get_args([str(map_model), "--images", str(one), "--image-mpp", "3", "--any-mpp",
+                                   "--scale-rule", "crop", "--predictions", str(tmp_path / "p.csv")]))  # on purpose
+    predict.main(predict.get_args([str(map_model), "--images", str(one), "--image-mpp", "0.6",
+                                   "--predictions", str(tmp_path / "p.csv")]))
+    assert ("note: a 160 x 160 px tile at 0.6 um/px (96 x 96 um) gives 25 views of the 19.8 um training field: "
+            "about 25 views of 1 tiles to read and predict") in capsys.readouterr().out
+    predict.main(predict.get_args([str(map_model), "--map", str(tmp_path / "a.png"), "--image-mpp", "1.5",
+                                   "--out-dir", str(tmp_path / "maps")]))  # in range, but coarser than training
+    assert "note: a.png: its windows are 13 px, enlarged to the network's 32 px" in capsys.readouterr().out
+
+
+def test_clustered_interval_by_hand_and_its_coverage_in_simulation():
+    # two slides of 4 tiles, 4 and 1 right: accuracy 5/8; each slide's share of the estimate
+    # (sum of (x - 5/8) / 8) is +-0.1875, so the cluster-robust variance is 2 / 1 * 2 * 0.1875^2
+    got = evaluate.clustered_interval([1, 1, 1, 1, 1, 0, 0, 0], ["a"] * 4 + ["b"] * 4)
+    se, t, logit = math.sqrt(2 * 2 * 0.1875 ** 2), evaluate.t_critical(1), math.log(5 / 3)
+    expit = lambda v: 100 / (1 + math.exp(-v))
+    slope = se / (5 / 8 * 3 / 8)
+    assert got == {"estimate": 62.5, "ci95": pytest.approx([expit(logit - t * slope), expit(logit + t * slope)]),
+                   "groups": 2}
+    assert evaluate.clustered_interval([1, 0, 1], ["a"] * 3) is None  # one slide: no spread between slides
+    assert evaluate.clustered_interval([1, 1, 1, 1], ["a", "a", "b", "b"]) is None  # 100%: no logit
+    assert evaluate.clustered_interval([1, 0, 1, 0], ["a", "a", "b", "b"], [0, 0, 1, 1]) is None  # a class, one slide
+    diff = evaluate.clustered_interval([1, 0, -1, 0, 1, 1], list("aabbcc"), proportion=False)
+    assert diff["estimate"] == pytest.approx(100 / 3) and diff["ci95"][0] < 0 < diff["ci95"][1]
+    spec = importlib.util.spec_from_file_location("intervals", HERE / "docs" / "intervals.py")
+    intervals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(intervals)
+    covered = intervals.coverage(0.7, 0.2, 20, 50, sims=300)  # 20 slides whose accuracies differ much
+    assert covered["clustered"] >= 0.9 and covered["difference"] >= 0.9 and covered["wilson"] <= 0.6
+
+
+def test_the_report_clusters_by_slide_and_recomputes_from_the_predictions_csv(trained, student, data_dir, tmp_path,
+                                                                               capsys):
+    rows = evaluate.main(evaluate.get_args([str(trained / "teacher.pt"), str(student), "--data", str(data_dir),
+                                            "--device", "cpu", "--json", str(tmp_path / "r.json"),
+                                            "--predictions", str(tmp_path / "p.csv")]))
+    out = capsys.readouterr().out
+    assert "by slide" in out and "(by slide: 95% intervals clustered by the 5 slides the tiles come from" in out
+    table = read_csv(tmp_path / "p.csv")
+    for row in rows:  # the clustered interval again, from the CSV alone: its outcomes and slides
+        mine = [r for r in table if r["checkpoint"] == row["checkpoint"]]
+        again = evaluate.clustered_interval([r["true"] == r["predicted"] for r in mine], [r["group"] for r in mine])
+        assert row["clustered"]["by"] == "slide" and row["clustered"]["accuracy"] == again
+    [test] = json.loads((tmp_path / "r.json").read_text())["mcnemar"]
+    assert test["difference"] == pytest.approx(rows[0]["accuracy"] - rows[1]["accuracy"])
+    assert test["difference_clustered"]["groups"] == 5
+
+
+def test_a_file_that_is_no_model_names_what_a_model_is(data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("a text file, not a model")
+    with pytest.raises(mpkd.UserError, match=r"notes.txt is corrupt or not a torch file \(\w+\); pass a checkpoint "
+                                             r"\(a model, written by train_teacher.py or distill.py"):
+        evaluate.main(evaluate.get_args([str(tmp_path / "notes.txt"), "--device", "cpu"]))
+    with pytest.raises(mpkd.UserError, match=r"not a torch file .*train_teacher.py or distill.py.*, or an .onnx file "
+                                             r"written by export.py"):
+        predict.main(predict.get_args([str(tmp_path / "notes.txt"), "--images", str(data_dir)]))
+
+
+def test_external_comparisons_are_printed_and_the_error_grid_names_the_folder(map_model, tmp_path, capsys):
+    root = external_folder(tmp_path / "ext", np.random.default_rng(0))
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("zero,01_CLASS0\none,02_CLASS1\ntwo,03_CLASS2\nthree,04_CLASS3\n")
+    other = tmp_path / "other.pt"  # another student of the same data: a pair to compare, not a Table II pair
+    distill.main(distill.get_args(["--data", str(map_model.parent / "d"), "--distill-weight", "0", "--teacher-logits",
+                                   str(tmp_path / "none.pt"), "--out", str(other), "--epochs", "1",
+                                   "--img-size", "32", "--batch-size", "32", "--device", "cpu"]))
+    capsys.readouterr()
+    rows = evaluate.main(evaluate.get_args([str(map_model), str(other), "--external", str(root), "--class-map",
+                                            str(cmap), "--device", "cpu"]))
+    a, b = (np.asarray(r["outcomes"]) for r in rows)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    assert (f"seed 0: student alone ({map_model}) vs student alone ({other}): {only_a} / {only_b}, two-sided p = "
+            f"{evaluate.mcnemar_exact(only_a, only_b):.3g}") in capsys.readouterr().out
+    wrong = next(i for i, ok in enumerate(rows[1]["outcomes"]) if not ok)
+    truth, folder = rows[1]["classes"][rows[1]["labels"][wrong]], rows[1]["folders"][wrong]
+    assert evaluate.error_caption(rows[1], wrong).startswith(f"true {truth} ({folder})\npred")
+
+
+def test_docs_scripts_answer_help_and_start_nothing(tmp_path):
+    for script in sorted((HERE / "docs").glob("*.py")):
+        proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), (script.name, proc.stderr[-500:])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_few_clean_lines_in_a_log(monkeypatch):
+    clock = iter([0.0, 1.0, 6.0, 7.0, 13.0])
+    monkeypatch.setattr(mpkd.time, "perf_counter", lambda: next(clock, 13.0))  # the bar's own clock reads go on
+    said = []
+    progress = mpkd.Progress(100, "tiles", said.append, label="decoded ")  # stderr is no terminal under pytest
+    for _ in range(4):
+        progress.update(20)
+    assert said == ["  decoded 40 / 100 tiles, 7 tiles/s, 9 s left", "  decoded 80 / 100 tiles, 6 tiles/s, 3 s left"]
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(mpkd.sys.stderr, "isatty", lambda: True, raising=False)
+    said.clear()
+    progress = mpkd.Progress(10, "windows", said.append)
+    progress.update(10)
+    assert said == [] and progress.bar is not None and progress.bar.n == 10
 
 
 def test_named_external_set_is_fetched_md5_checked_and_refused_offline(map_model, tmp_path, monkeypatch):
