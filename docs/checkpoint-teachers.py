@@ -13,6 +13,7 @@ machine), adding its results to checkpoint-teachers/results.json. About an hour 
 development CPU; models already trained are kept, and a killed teacher resumes.
 """
 
+import argparse
 import contextlib
 import json
 import sys
@@ -110,9 +111,14 @@ def crops_part() -> dict:
 
 
 def main():
-    OUT.mkdir(exist_ok=True)
     parts = {"standin": standin_part, "crops": crops_part}
-    for name in sys.argv[1:] or parts:
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("parts", nargs="*", metavar="standin|crops", help="the parts to run (unset: both)")
+    asked = p.parse_args().parts
+    if set(asked) - set(parts):
+        p.error(f"the parts are {' and '.join(parts)}")
+    OUT.mkdir(exist_ok=True)
+    for name in asked or parts:
         got = parts[name]()
         file = OUT / "results.json"
         results = json.loads(file.read_text()) if file.exists() else {}

@@ -6,11 +6,12 @@ shifted synthetically, with growing strength. Tiny data: every number comes with
 
     python docs/generalisation.py                  # from the repository root; writes generalisation/
 
-Needs ../shared/data (both sample folders) and matplotlib for the picture. About 25 minutes on the
-2-core development CPU. Training runs in this process through each script's main(), as a user's
+Needs ../shared/data (both sample folders) and matplotlib for the picture. About 40 minutes on 2
+CPU cores (Intel Xeon). Training runs in this process through each script's main(), as a user's
 command line would; a model already trained is kept (delete generalisation/ to start over).
 """
 
+import argparse
 import contextlib
 import json
 import sys
@@ -188,6 +189,7 @@ TAGS = (("plain", []), ("augmented", ["--stain-augment"]))
 
 
 def main():
+    argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split())).parse_args()
     OUT.mkdir(exist_ok=True)
     data = make_crops()
     models = {(tag, seed): train(data, tag, extra, seed) for seed in SEEDS for tag, extra in TAGS}

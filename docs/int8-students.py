@@ -4,7 +4,8 @@ network and both accuracies on the checkpoint's test tiles, the largest probabil
 the fp32 network's own agreement when pixels move by one grey level, and the int8 file's size;
 also the same file's agreement computed operator by operator in float (graph optimisation off:
 no fused int8 kernels), which tells the 8-bit arithmetic apart from the kernels that run it; and
-the fp32 file's agreement in OpenVINO at its default precision (bf16 on CPUs that have it; named);
+the fp32 file's agreement in OpenVINO at its default precision (bf16 on CPUs that have it; named)
+and the int8 file's in OpenCV DNN (with how many classes it predicts);
 with --external DIR also the top-1 agreement on another lab's tiles (every image under DIR, resized
 whole to the network's input), unseen in training and calibration. Nothing is written.
 With --speed instead: the sizes of MixNet-S and MixNet-L files at 112 px and the int8 benchmark
@@ -18,7 +19,9 @@ statistics are drawn at random (speed and size do not depend on the weights).
 """
 
 import argparse
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,14 @@ def measure(path: str, external: str | None) -> dict:
         if "default precision" in name:  # named "... default precision (bf16)": the precision it chose
             got = export.runtime_probabilities(compiled, test).argmax(1)
             row["openvino"] = f"{100 * (got == fp32['expected'].argmax(1)).mean():.2f}% {name[name.index('('):]}"
+    with contextlib.suppress(ImportError), tempfile.TemporaryDirectory() as tmp:
+        import cv2
+        (Path(tmp) / "int8.onnx").write_bytes(blob)
+        net = cv2.dnn.readNetFromONNX(str(Path(tmp) / "int8.onnx"))
+        net.setInput(test)
+        got = net.forward("probabilities").argmax(1)
+        n = len(set(got.tolist()))
+        row["opencv"] = f"{100 * (got == fp32['expected'].argmax(1)).mean():.2f}% ({n} class{'es' * (n > 1)})"
     if external:
         files = mpkd.list_images(Path(external))
         tiles = export.tiles_nhwc(mpkd.load_images(external, files, size))
@@ -144,16 +155,16 @@ def main() -> None:
     print(f"CPU: {export.cpu_features()}\n")
     print("| checkpoint | method | test tiles | fp32 accuracy (95% Wilson interval) | int8 accuracy (interval) | "
           "top-1 agreement | the file in float: agreement | the fp32 file in OpenVINO, default precision: "
-          "agreement | largest difference | fp32 under one grey level | another lab's tiles, same class | "
+          "agreement | the int8 file in OpenCV DNN: agreement | largest difference | fp32 under one grey level | another lab's tiles, same class | "
           "int8 MB | gate |")
-    print("| --- " * 13 + "|")
+    print("| --- " * 14 + "|")
     for path in args.checkpoints:
         r = measure(path, args.external)
         ci = {k: "{:.1f}-{:.1f}".format(*mpkd.wilson_interval(round(r[k] * r["tiles"] / 100), r["tiles"]))
               for k in ("accuracy_fp32", "accuracy_int8")}
         print(f"| {path} | {r['method']} | {r['tiles']} | {r['accuracy_fp32']:.2f}% ({ci['accuracy_fp32']}) | "
               f"{r['accuracy_int8']:.2f}% ({ci['accuracy_int8']}) | "
-              f"{100 * r['agreement']:.2f}% | {100 * r['graph_agreement']:.2f}% | {r.get('openvino', '-')} | "
+              f"{100 * r['agreement']:.2f}% | {100 * r['graph_agreement']:.2f}% | {r.get('openvino', '-')} | {r.get('opencv', '-')} | "
               f"{r['max_abs_diff']:.3f} | {100 * r['fp32_one_grey_level']:.2f}% | "
               f"{r.get('external', '-')} | {r['bytes'] / 1e6:.2f} | {'written' if r['passes'] else 'refused'} |",
               flush=True)

@@ -13,6 +13,7 @@ Needs tifffile and openslide-python with openslide-bin (and imagecodecs for JPEG
 slide is written with deflate, several GB). Trains its own small models on the stand-in if absent.
 """
 
+import argparse
 import json
 import os
 import re
@@ -164,6 +165,10 @@ def map_once(model: str, image: str) -> dict:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("models", nargs="*", help="model files to measure again (student.onnx, student.int8.onnx, "
+                                             "student.pt, teacher.pt), the other rows kept (unset: all)")
+    only = p.parse_args().models
     OUT.mkdir(exist_ok=True)
     images = {"large.tif": make_large_image, "slide.tif": make_slide, "folder": make_folder}
     for name, make in images.items():
@@ -174,7 +179,6 @@ def main() -> None:
     trained = models()  # the reading rate needs the student's field of view
     for image in ("large.tif", "slide.tif"):
         print(f"reading alone, {image}: {reading_rate(image):.0f} windows/s in {os.cpu_count()} threads", flush=True)
-    only = sys.argv[1:]  # model files to measure again (student.onnx, student.int8.onnx, ...); default all
     wanted = {label: model for label, model in trained.items() if not only or model in only}
     done = OUT / "results.json"
     rows = [r for r in json.loads(done.read_text()) if r["model"] not in wanted] if only and done.exists() else []
