@@ -83,26 +83,8 @@ def get_args(argv=None):
     p.add_argument("--external-groups", default=None, metavar="FILE.csv",
                    help="--external: the slide or patient of every tile (columns file, relative to DIR, and "
                         "group), for intervals clustered by group; Kather 2016 names give their slides")
-    p.add_argument("--image-mpp", type=float, default=None,
-                   help="--external: microns per pixel of the tiles (unset: a named set's own; else "
-                        "the training tiles' scale, i.e. resized whole)")
-    p.add_argument("--any-mpp", action="store_true",
-                   help=f"accept an --image-mpp outside {mpkd.SCANNER_MPP[0]:g}-{mpkd.SCANNER_MPP[1]:g} um/px, "
-                        f"the scales scanners write")
-    p.add_argument("--scale-rule", choices=mpkd.SCALE_RULES, default=None,
-                   help="--external with a known scale: crop (the training field of view at the training "
-                        "scale, centred), cover (the fewest such fields covering the tile, logits "
-                        "averaged), whole (the tile at the training scale, one larger input), or resize "
-                        "(squeezed whole; what runs without a scale) (unset: cover)")
-    p.add_argument("--stain-norm", choices=("macenko", "macenko-tile"), default=None,
-                   help="--external: restain to the training tiles' stain (recorded in the checkpoint) or "
-                        "--stain-ref's, Macenko's method with the stain estimated over the folder "
-                        "(macenko) or per tile (macenko-tile)")
-    p.add_argument("--stain-ref", default=None, metavar="IMAGE",
-                   help="--stain-norm: the image whose stain is the target (unset: the checkpoint's)")
-    p.add_argument("--tile-um", type=float, default=None,
-                   help="--external: the training tiles' width in micrometres (unset: as the checkpoint "
-                        "records it)")
+    mpkd.add_scale_and_stain_flags(p, "--external", "a named set's own; else the training tiles' scale, "
+                                   "i.e. resized whole", "the folder")
     return p.parse_args(argv)
 
 

@@ -1424,6 +1424,30 @@ MANY_VIEWS = 16  # views per tile above which a run says, before it starts, how 
 DEFAULT_SCALE_RULE = "cover"  # measured on the real tiles against crop, whole and resize: docs/generalisation.md
 
 
+def add_scale_and_stain_flags(p, scope: str, mpp_unset: str, stain_over: str) -> None:
+    """The flags that show tiles of another scale and stain as the model was trained, the same in
+    evaluate.py (`scope` "--external") and predict.py ("--images"); `mpp_unset` and `stain_over`
+    say what an unset --image-mpp means and what --stain-norm estimates the stain over there."""
+    p.add_argument("--image-mpp", type=float, default=None,
+                   help=f"microns per pixel of the tiles (unset: {mpp_unset})")
+    p.add_argument("--any-mpp", action="store_true",
+                   help=f"accept an --image-mpp outside {SCANNER_MPP[0]:g}-{SCANNER_MPP[1]:g} um/px, "
+                        f"the scales scanners write")
+    p.add_argument("--scale-rule", choices=SCALE_RULES, default=None,
+                   help=f"{scope} with a known scale: crop (the training field of view at the training "
+                        "scale, centred), cover (the fewest such fields covering the tile, logits "
+                        "averaged), whole (the tile at the training scale, one larger input), or resize "
+                        f"(squeezed whole; what runs without a scale) (unset: {DEFAULT_SCALE_RULE})")
+    p.add_argument("--stain-norm", choices=("macenko", "macenko-tile"), default=None,
+                   help="restain to the training tiles' stain (recorded in the model) or --stain-ref's, "
+                        f"Macenko's method with the stain estimated over {stain_over} (macenko) or per "
+                        "tile or window (macenko-tile)")
+    p.add_argument("--stain-ref", default=None, metavar="IMAGE",
+                   help="--stain-norm: the image whose stain is the target (unset: the model's)")
+    p.add_argument("--tile-um", type=float, default=None,
+                   help="the training tiles' width in micrometres (unset: as the model records it)")
+
+
 def class_key(name: str) -> str:
     """A class name as maps and class maps compare it: a folder's '01_' prefix dropped, upper case."""
     return re.sub(r"^\d+_", "", name).upper()

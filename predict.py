@@ -63,25 +63,8 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="--map: redo images that are done")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="--map: only every N-th image from the K-th (0-based), for cluster array jobs")
-    p.add_argument("--image-mpp", type=float, default=None,
-                   help="microns per pixel of the images (unset: for --map their metadata; for --images "
-                        "the training tiles' scale, i.e. resized whole)")
-    p.add_argument("--any-mpp", action="store_true",
-                   help=f"accept an --image-mpp outside {mpkd.SCANNER_MPP[0]:g}-{mpkd.SCANNER_MPP[1]:g} um/px, "
-                        f"the scales scanners write")
-    p.add_argument("--scale-rule", choices=mpkd.SCALE_RULES, default=None,
-                   help="--images with a known scale: crop (the training field of view at the training "
-                        "scale, centred), cover (the fewest such fields covering the tile, logits "
-                        "averaged), whole (the tile at the training scale, one larger input), or resize "
-                        "(squeezed whole; what runs without a scale) (unset: cover)")
-    p.add_argument("--stain-norm", choices=("macenko", "macenko-tile"), default=None,
-                   help="restain to the training tiles' stain (recorded in the model) or --stain-ref's, "
-                        "Macenko's method with the stain estimated over the folder or large image "
-                        "(macenko) or per tile or window (macenko-tile)")
-    p.add_argument("--stain-ref", default=None, metavar="IMAGE",
-                   help="--stain-norm: the image whose stain is the target (unset: the model's)")
-    p.add_argument("--tile-um", type=float, default=None,
-                   help="the training tiles' width in micrometres (unset: as the model records it)")
+    mpkd.add_scale_and_stain_flags(p, "--images", "for --map the image's metadata; for --images the training "
+                                   "tiles' scale, i.e. resized whole", "the folder or large image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (a checkpoint; .onnx: the CPU)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="a checkpoint in bf16 autocast (default fp32, as the exported file computes)")
