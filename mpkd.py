@@ -15,6 +15,7 @@ method (KD loss, schedule, the stored logits), models, data, stain, training, ch
 another scale, and last the run machinery (settings checks, atomic files, resumable state).
 """
 
+import argparse
 import contextlib
 import csv
 import hashlib
@@ -1827,6 +1828,51 @@ def resolve_data_folder(given: str | None, recorded: str | None, source: str) ->
         raise UserError(f"no --data given, and {recorded}, the data folder {source} was made from, is "
                         f"not here (relative paths count from where you run); pass --data DIR")
     return recorded, f"data: {recorded}, the folder {source} was made from (--data changes it)"
+
+
+def add_training_flags(p) -> None:
+    """The flags train_teacher.py and distill.py share: the image size, the split, the optimiser and
+    schedule, the seeds, the tiles' scale and stain augmentation, the device and --resume."""
+    p.add_argument("--img-size", type=int, default=None,
+                   help="images are resized to this square size, at least 32 (unset: 112, or in "
+                        "distill.py what the teacher logits were made with; likewise the split flags)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="batch size (the paper says 64 and 128; 64 is used)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--step-size", type=int, default=5,
+                   help="StepLR: multiply the learning rate by --gamma every this many epochs")
+    p.add_argument("--gamma", type=float, default=0.5, help="StepLR factor")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights init, shuffling and flips")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/val/test split, teacher and students must agree (unset: 0)")
+    p.add_argument("--split-by", choices=("tile", "slide", "group"), default=None,
+                   help="split tiles at random (paper), by Kather slide id, or by the groups of "
+                        "--groups (unset: tile, or group with --groups)")
+    p.add_argument("--groups", default=None, metavar="FILE.csv",
+                   help="CSV with columns file (relative to --data) and group (slide or patient id) "
+                        "for --split-by group")
+    p.add_argument("--test-frac", type=float, default=None,
+                   help="fraction of every class held out for testing (unset: 0.2)")
+    p.add_argument("--val-frac", type=float, default=None,
+                   help="fraction of the rest used for validation (unset: 0.2)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="ImageNet weights to start from instead of timm's download: a state dict "
+                        "(.pt/.pth/.bin) or .safetensors of the same network, 1000-class head")
+    p.add_argument("--mpp", type=float, default=DEFAULT_MPP,
+                   help="microns per pixel of the training tiles (Kather 2016: 0.495; NCT-CRC-HE-100K: "
+                        "0.5), recorded with the tiles' size for tissue maps")
+    p.add_argument("--stain-augment", type=float, nargs="?", const=STAIN_AUGMENT, default=None,
+                   metavar="STRENGTH",
+                   help="jitter each training image's haematoxylin, eosin and DAB (Tellez et al.'s HED "
+                        "augmentation): scale by U(1-s, 1+s) and shift by U(-s, s) in optical density "
+                        f"per stain; the flag alone: s = {STAIN_AUGMENT} (default off, as in the paper)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
+                        "or newer, and fp32 elsewhere; --amp asks for it on the CPU too; --no-amp: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its saved state")
 
 
 DATA_DEFAULTS = {"img_size": 112, "split_by": "tile", "split_seed": 0, "test_frac": 0.2, "val_frac": 0.2,

@@ -434,9 +434,9 @@ def test_files_of_an_earlier_version_ask_to_be_made_again(trained, student, data
 
 
 def test_shared_flags_agree_between_the_training_scripts(monkeypatch):
-    # A user copies one script and mpkd.py, so both scripts spell out their flags; this keeps the
-    # copies from drifting. Only these differ on purpose: each script's own output file and network,
-    # and the ImageNet start (the paper's teacher is pretrained, its student is not).
+    # Most shared flags come from mpkd.add_training_flags; --data and --epochs are spelled out in
+    # each script. Only these differ on purpose: each script's own output file and network, and the
+    # ImageNet start (the paper's teacher is pretrained, its student is not).
     on_purpose = {"--out", "--model", "--pretrained"}
     flags = [{a.option_strings[0]: a for a in parser_of(m, monkeypatch)._actions if a.option_strings}
              for m in (train_teacher, distill)]
