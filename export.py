@@ -198,27 +198,22 @@ def tiles_nhwc(images: torch.Tensor) -> np.ndarray:
     return images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def reference_outputs(wrapper: torch.nn.Module, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and logits (N, C) of the checkpoint's own network (in a Deployable) on uint8
-    (N, S, S, 3) tiles, 256 at a time."""
-    with torch.inference_mode():
-        outputs = [wrapper(torch.from_numpy(tiles[i:i + 256])) for i in range(0, len(tiles), 256)]
-    return tuple(torch.cat(x).numpy() for x in zip(*outputs))
+def outputs(model, tiles: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and logits (N, C) of uint8 (N, S, S, 3) tiles, `chunk` at a time, from a
+    Deployable in PyTorch, an ONNX Runtime session or an OpenVINO compiled model."""
+    def run(x):
+        if isinstance(model, torch.nn.Module):
+            with torch.inference_mode():
+                return [y.numpy() for y in model(torch.from_numpy(x))]
+        if hasattr(model, "run"):
+            return model.run(["probabilities", "logits"], {"images": x})
+        results = model(x)
+        return [results[model.output(name)] for name in ("probabilities", "logits")]
+    return tuple(np.concatenate(x) for x in zip(*(run(tiles[i:i + chunk]) for i in range(0, len(tiles), chunk))))
 
 
-def reference_probabilities(wrapper: torch.nn.Module, tiles: np.ndarray) -> np.ndarray:
-    return reference_outputs(wrapper, tiles)[0]
-
-
-def session_outputs(session, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and logits (N, C) of an exported file, 256 tiles at a time."""
-    outputs = [session.run(["probabilities", "logits"], {"images": tiles[i:i + 256]})
-               for i in range(0, len(tiles), 256)]
-    return tuple(np.concatenate(x) for x in zip(*outputs))
-
-
-def session_probabilities(session, tiles: np.ndarray) -> np.ndarray:
-    return session_outputs(session, tiles)[0]
+def probabilities(model, tiles: np.ndarray, chunk: int = 256) -> np.ndarray:
+    return outputs(model, tiles, chunk)[0]
 
 
 def onnx_agrees(got: np.ndarray, expected: np.ndarray) -> dict:
@@ -242,7 +237,7 @@ def checked_onnx(ckpt: dict, path, model: torch.nn.Module, part: dict) -> dict:
     blob = with_metadata(proto, onnx_metadata(ckpt, path, size))
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     tiles = tiles_nhwc(part["images"])
-    (expected, logits), (got, got_logits) = reference_outputs(wrapper, tiles), session_outputs(session, tiles)
+    (expected, logits), (got, got_logits) = outputs(wrapper, tiles), outputs(session, tiles)
     check, worst = onnx_agrees(got_logits, logits), float(np.abs(got - expected).max())
     if not check["ok"]:
         raise mpkd.UserError(f"the exported model disagrees with PyTorch on the {len(tiles)} test tiles "
@@ -277,24 +272,30 @@ def blocks_taking_turns(runs: dict, n: int, repeats: int, rounds: int) -> dict[s
     return {name: float(np.median(seconds)) for name, seconds in times.items()}
 
 
+def speeds(runs: dict, size: int, repeats: int, rounds: int) -> dict:
+    """Batch-1 latency (ms) and images/s at batch 64 of each of `runs` (name: function of uint8
+    (N, S, S, 3) tiles) on the same random tiles, in blocks taking turns (blocks_taking_turns)."""
+    out = {name: {} for name in runs}
+    for n, key in ((1, "latency_ms"), (64, "throughput")):
+        tiles = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        calls = {name: lambda run=run: run(tiles) for name, run in runs.items()}
+        for name, seconds in blocks_taking_turns(calls, n, repeats, rounds).items():
+            out[name][key] = float(1000 * seconds if n == 1 else n / seconds)
+    return out
+
+
 def onnx_benchmark(session, model: torch.nn.Module, size: int, repeats: int = 20) -> dict:
     """Batch-1 latency (median ms) and images/s at batch 64 of the exported file in ONNX Runtime and
     of the checkpoint's network in PyTorch eager as predict.py runs it (mpkd.predict: normalise,
-    channels_last, inference mode), on the same uint8 tiles, in blocks ONNX, eager, eager, ONNX."""
+    channels_last, inference mode), in blocks ONNX, eager, eager, ONNX."""
     model = mpkd.to_device(copy.deepcopy(model), torch.device("cpu")).eval()
-    out = {"onnx": {}, "eager": {}}
-    for n, key in ((1, "latency_ms"), (64, "throughput")):
-        tiles = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        nhwc, nchw = tiles.numpy(), tiles.permute(0, 3, 1, 2)  # the file's input; what predict takes
 
-        def eager():
-            with torch.inference_mode():
-                torch.softmax(mpkd.predict(model, nchw, "fp32"), 1)
+    def eager(tiles):
+        with torch.inference_mode():
+            return torch.softmax(mpkd.predict(model, torch.from_numpy(tiles).permute(0, 3, 1, 2), "fp32"), 1)
 
-        runs = {"onnx": lambda: session.run(["probabilities"], {"images": nhwc}), "eager": eager}
-        for name, seconds in blocks_taking_turns(runs, n, repeats, rounds=1).items():
-            out[name][key] = float(1000 * seconds if n == 1 else n / seconds)
-    return out
+    return speeds({"onnx": lambda tiles: session.run(["probabilities"], {"images": tiles}), "eager": eager},
+                  size, repeats, rounds=1)
 
 
 def export_lines(network: str, exported) -> list[str]:
@@ -607,9 +608,9 @@ def int8_figures(session, wrapper: torch.nn.Module, reference: np.ndarray, label
     largest probability difference; and, to tell the quantiser's error from the network's own
     fragility, the fp32 network's agreement with itself when each pixel moves by one grey level at
     random (-1, 0 or +1: less than any scanner's noise)."""
-    got = session_probabilities(session, tiles)
+    got = probabilities(session, tiles)
     step = np.random.default_rng(0).integers(-1, 2, tiles.shape)
-    nudged = reference_probabilities(wrapper, np.clip(tiles.astype(np.int16) + step, 0, 255).astype(np.uint8))
+    nudged = probabilities(wrapper, np.clip(tiles.astype(np.int16) + step, 0, 255).astype(np.uint8))
     return {"tiles": len(tiles), "agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
             "accuracy_int8": float(100 * (got.argmax(1) == labels).mean()),
             "accuracy_fp32": float(100 * (reference.argmax(1) == labels).mean()),
@@ -685,16 +686,6 @@ def openvino_models(blobs: dict[str, bytes]) -> dict:
     return models
 
 
-def runtime_probabilities(model, tiles: np.ndarray) -> np.ndarray:
-    """Probabilities (N, C) of uint8 (N, S, S, 3) tiles from an ONNX Runtime session or an OpenVINO
-    compiled model, 64 tiles at a time."""
-    if hasattr(model, "run"):
-        run = lambda chunk: model.run(["probabilities"], {"images": chunk})[0]
-    else:
-        run = lambda chunk: model(chunk)[model.output("probabilities")]
-    return np.concatenate([run(tiles[i:i + 64]) for i in range(0, len(tiles), 64)])
-
-
 def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
     """--int8 --benchmark: batch-1 latency (ms) and images/s at batch 64 of the int8 and
     fp32 files in ONNX Runtime and OpenVINO, in whole blocks taking turns (A B C ... C B A, three
@@ -703,14 +694,11 @@ def int8_benchmark(exported: dict, part: dict, repeats: int = 20) -> dict:
     runs = {"ONNX Runtime fp32 file": exported["fp32"]["session"], "ONNX Runtime int8 file": exported["session"]}
     runs |= openvino_models({"fp32": exported["fp32"]["blob"], "int8": exported["blob"]})
     test, reference = tiles_nhwc(part["images"]), exported["fp32"]["expected"]
-    out = {name: {"agreement": float((runtime_probabilities(m, test).argmax(1) == reference.argmax(1)).mean())}
-           for name, m in runs.items()}
-    for n, key in ((1, "latency_ms"), (64, "throughput")):
-        tiles = np.random.default_rng(0).integers(0, 256, (n, exported["size"], exported["size"], 3), dtype=np.uint8)
-        calls = {name: lambda m=m: runtime_probabilities(m, tiles) for name, m in runs.items()}
-        for name, seconds in blocks_taking_turns(calls, n, repeats, rounds=3).items():
-            out[name][key] = float(1000 * seconds if n == 1 else n / seconds)
-    return out
+    agreement = {name: float((probabilities(m, test, 64).argmax(1) == reference.argmax(1)).mean())
+                 for name, m in runs.items()}
+    timed = speeds({name: lambda tiles, m=m: probabilities(m, tiles, 64) for name, m in runs.items()},
+                   exported["size"], repeats, rounds=3)
+    return {name: {"agreement": agreement[name], **timed[name]} for name in runs}
 
 
 def int8_lines(network: str, exported: dict) -> list[str]:

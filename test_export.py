@@ -228,7 +228,7 @@ def test_int8_network_compaction_and_padding_change_nothing_but_rounding(map_mod
                 bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
         tiles = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
         quantised = export.Deployable(export.for_export(model)).eval()
-        got, expected = (export.reference_probabilities(m, tiles) for m in (quantised, export.Deployable(model).eval()))
+        got, expected = (export.probabilities(m, tiles) for m in (quantised, export.Deployable(model).eval()))
         assert np.abs(got - expected).max() < 1e-4
     ckpt = mpkd.load_file(map_model, mpkd.CHECKPOINT_FORMAT)
     network = export.Deployable(export.for_export(mpkd.load_model(ckpt, map_model).eval())).eval()

@@ -48,13 +48,13 @@ def measure(path: str, external: str | None) -> dict:
     options = ort.SessionOptions()  # the same file, each operator computed in float: what it specifies
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     graph = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-    row["graph_agreement"] = float((export.session_probabilities(graph, test).argmax(1)
+    row["graph_agreement"] = float((export.probabilities(graph, test).argmax(1)
                                     == fp32["expected"].argmax(1)).mean())
     row["passes"] = (row["agreement"] >= export.INT8_AGREEMENT
                      and abs(row["accuracy_int8"] - row["accuracy_fp32"]) <= export.INT8_ACCURACY_POINTS)
     for name, compiled in export.openvino_models({"fp32": fp32["blob"]}).items():  # {} without OpenVINO
         if "default precision" in name:  # named "... default precision (bf16)": the precision it chose
-            got = export.runtime_probabilities(compiled, test).argmax(1)
+            got = export.probabilities(compiled, test, 64).argmax(1)
             row["openvino"] = f"{100 * (got == fp32['expected'].argmax(1)).mean():.2f}% {name[name.index('('):]}"
     with contextlib.suppress(ImportError), tempfile.TemporaryDirectory() as tmp:
         import cv2
@@ -67,8 +67,8 @@ def measure(path: str, external: str | None) -> dict:
     if external:
         files = mpkd.list_images(Path(external))
         tiles = export.tiles_nhwc(mpkd.load_images(external, files, size))
-        a = export.session_probabilities(session, tiles).argmax(1)
-        b = export.reference_probabilities(fp32["wrapper"], tiles).argmax(1)
+        a = export.probabilities(session, tiles).argmax(1)
+        b = export.probabilities(fp32["wrapper"], tiles).argmax(1)
         row["external"] = f"{int((a == b).sum())} of {len(files)}"
     return row
 
@@ -95,7 +95,7 @@ def speed(rounds: int, size: int = 112) -> None:
         if name != "mixnet_s":
             continue
         session = lambda blob: ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        exported = {"fp32": {"session": session(fp32), "blob": fp32, "expected": export.reference_probabilities(
+        exported = {"fp32": {"session": session(fp32), "blob": fp32, "expected": export.probabilities(
             export.Deployable(model).eval(), tiles)}, "session": session(int8), "blob": int8, "size": size}
         for r in range(rounds):
             b = export.int8_benchmark(exported, {"images": torch.from_numpy(tiles).permute(0, 3, 1, 2)})
