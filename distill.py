@@ -254,8 +254,9 @@ def main(args):
                              teacher and (teacher["identity"]["classes"], args.teacher_logits))
     state = mpkd.open_state(config, data["identity"])
     epochs = teacher_epochs(args, teacher)
-    if teacher is not None:  # the teacher's data, split and classes, or a refusal naming the difference
-        mpkd.check_same_data(teacher["identity"], data["identity"], args.teacher_logits)
+    # the teacher's data, split and classes, or a refusal naming the difference
+    if teacher is not None and (differ := mpkd.mismatches(data["identity"], teacher["identity"])):
+        raise mpkd.UserError(f"{args.teacher_logits} belongs to other data or settings ({'; '.join(differ)})")
     method = kd_method(args.distill_weight, epochs, args.anchors == "auto", bool(args.ensemble))
     name = mpkd.method_name(method, epochs)
     warn_near_uniform(args, teacher, epochs)

@@ -51,9 +51,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),  # the first sentence, whole
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="checkpoints written by train_teacher.py or distill.py")
-    p.add_argument("--data", default=None,
-                   help="folder of class folders the checkpoints were trained on (unset: the folder "
-                        "each checkpoint records)")
+    p.add_argument("--data", default=None, help="folder of class folders the checkpoints were trained on "
+                                                "(unset: the folder each checkpoint records)")
     p.add_argument("--groups", default=None, metavar="FILE.csv",
                    help="the groups file of checkpoints split by group, where it is not found by "
                         "itself (at its recorded path, or by name in or beside --data)")
@@ -92,17 +91,11 @@ def check_args(args) -> None:
     """Refuse flags that do not go together, or values out of range, before any work."""
     if args.image_mpp is not None and not args.image_mpp > 0:
         raise mpkd.UserError(f"--image-mpp {args.image_mpp} must be positive: microns per pixel (0.5 at 20x)")
-    for flag, value, needs, job in (("--class-map", args.class_map, args.external, "--external"),
-                                    ("--skip-unmapped", args.skip_unmapped, args.external, "--external"),
-                                    ("--external-groups", args.external_groups, args.external, "--external"),
-                                    ("--any-mpp", args.any_mpp, args.image_mpp, "--image-mpp"),
-                                    ("--image-mpp", args.image_mpp, args.external, "--external"),
-                                    ("--scale-rule", args.scale_rule, args.external, "--external"),
-                                    ("--stain-norm", args.stain_norm, args.external, "--external"),
-                                    ("--tile-um", args.tile_um, args.external, "--external"),
-                                    ("--stain-ref", args.stain_ref, args.stain_norm, "--stain-norm")):
-        if value and not needs:
-            raise mpkd.UserError(f"{flag} is for {job}")
+    for flag, job in (("class_map", "external"), ("skip_unmapped", "external"), ("external_groups", "external"),
+                      ("any_mpp", "image_mpp"), ("image_mpp", "external"), ("scale_rule", "external"),
+                      ("stain_norm", "external"), ("tile_um", "external"), ("stain_ref", "stain_norm")):
+        if getattr(args, flag) and not getattr(args, job):  # argparse dest names, as in predict.py
+            raise mpkd.UserError(f"--{flag.replace('_', '-')} is for --{job.replace('_', '-')}")
     if args.benchmark and args.external:
         raise mpkd.UserError("--benchmark measures the checkpoints on their own test split: leave out --external")
 
@@ -174,12 +167,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["method"], row["network"]), []).append(row)
     rank = {key: i for i, key in enumerate(mpkd.METHODS)}  # Table II's order
     out = []
-    for method, net in sorted(groups, key=lambda k: (rank[groups[k][0]["method_key"]], k[0], k[1])):
-        stats = mean_interval([r["accuracy"] for r in groups[(method, net)]])
-        first = groups[(method, net)][0]
+    for (method, net), mine in sorted(groups.items(), key=lambda kv: (rank[kv[1][0]["method_key"]], *kv[0])):
+        stats = mean_interval([r["accuracy"] for r in mine])
         out.append({"method": method, "network": net, "n": stats["n"], "accuracy_mean": stats["mean"],
                     "accuracy_std": stats["std"], "accuracy_ci95": stats["ci95"],
-                    "params_m": first["params_m"], "size_mb": first["size_mb"]})
+                    "params_m": mine[0]["params_m"], "size_mb": mine[0]["size_mb"]})
     return out
 
 
@@ -201,9 +193,8 @@ def paired_difference(rows: list[dict], a: str = "Multi-Part KD", b: str = "vani
         return None
     diffs = [left[k]["accuracy"] - right[k]["accuracy"] for k in keys]
     stats = mean_interval(diffs)
-    return {"a": a, "b": b, "seeds": [k[0] for k in keys], "diffs": diffs, "mean": stats["mean"],
-            "std": stats["std"], "ci95": stats["ci95"], "wins": int(sum(d > 0 for d in diffs)),
-            "ties": int(sum(d == 0 for d in diffs))}
+    return {"a": a, "b": b, "seeds": [k[0] for k in keys], "diffs": diffs, "mean": stats["mean"], "std": stats["std"],
+            "ci95": stats["ci95"], "wins": int(sum(d > 0 for d in diffs)), "ties": int(sum(d == 0 for d in diffs))}
 
 
 def mcnemar_pairs(rows: list[dict]) -> list[dict]:
@@ -214,10 +205,9 @@ def mcnemar_pairs(rows: list[dict]) -> list[dict]:
             continue
         a, b = np.asarray(x["outcomes"], bool), np.asarray(y["outcomes"], bool)
         only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-        test = {"a": x["checkpoint"], "b": y["checkpoint"], "a_method": x["method"],
-                "b_method": y["method"], "seed_a": x["seed"], "seed_b": y["seed"],
-                "same_seed": x["pair_key"] == y["pair_key"], "only_a": only_a, "only_b": only_b,
-                "p": mcnemar_exact(only_a, only_b), "difference": x["accuracy"] - y["accuracy"]}
+        test = {"a": x["checkpoint"], "b": y["checkpoint"], "a_method": x["method"], "b_method": y["method"],
+                "seed_a": x["seed"], "seed_b": y["seed"], "same_seed": x["pair_key"] == y["pair_key"], "only_a": only_a,
+                "only_b": only_b, "p": mcnemar_exact(only_a, only_b), "difference": x["accuracy"] - y["accuracy"]}
         if x["groups"]:  # the same tiles, so the same groups: the difference clustered by them
             test["difference_clustered"] = clustered_interval(a.astype(int) - b, x["groups"], proportion=False)
         out.append(test)
@@ -228,8 +218,7 @@ def table2_pair(a: dict, b: dict) -> int | None:
     """The place of rows (a, b) among the Table II pairs McNemar's test is printed for: the same
     pair of methods, both trained with stain augmentation or both without; None for other pairs."""
     pair = (a["method_key"], b["method_key"])
-    same_kind = a["stain_augmented"] == b["stain_augmented"]
-    return TABLE2_PAIRS.index(pair) if same_kind and pair in TABLE2_PAIRS else None
+    return TABLE2_PAIRS.index(pair) if pair in TABLE2_PAIRS and a["stain_augmented"] == b["stain_augmented"] else None
 
 
 FEW_GROUPS = 20  # fewer groups: the clustered interval may cover less than 95% (docs/intervals.md)
@@ -292,24 +281,20 @@ def table_lines(rows, summary, paired, tests):
         lines += ["", f"{'Method':<{w}}{'Network':<10}{'Acc (%) mean +- std':>22}{'95% CI of mean':>20}"
                       f"{'n':>4}{'Params (M)':>12}{'Size (MB)':>11}"]
         for s in summary:
-            spread = (f"{s['accuracy_mean']:>13.2f} +- {s['accuracy_std']:<5.2f}" if s["n"] > 1
-                      else f"{s['accuracy_mean']:>13.2f}         ")
-            ci = f"[{s['accuracy_ci95'][0]:.2f}, {s['accuracy_ci95'][1]:.2f}]" if s["n"] > 1 else "-"
-            lines.append(f"{s['method']:<{w}}{s['network']:<10}{spread}{ci:>20}{s['n']:>4}"
-                         f"{s['params_m']:>12.2f}{s['size_mb']:>11.3f}")
+            spread = f" +- {s['accuracy_std']:<5.2f}" if s["n"] > 1 else " " * 9
+            lines.append(f"{s['method']:<{w}}{s['network']:<10}{s['accuracy_mean']:>13.2f}{spread}"
+                         f"{interval(s['accuracy_ci95']):>20}{s['n']:>4}{s['params_m']:>12.2f}{s['size_mb']:>11.3f}")
     if paired and len(paired["diffs"]) > 1:  # one seed has no spread: McNemar above says it
-        lo, hi = paired["ci95"]
         lines += ["", f"{paired['a']} - {paired['b']}, paired by seed {paired['seeds']}: "
                       f"{' '.join(f'{d:+.2f}' for d in paired['diffs'])} points",
                   f"  mean {paired['mean']:+.2f}, std {paired['std']:.2f}, 95% t-interval of the mean "
-                  f"[{lo:+.2f}, {hi:+.2f}]; {paired['a']} ahead on {paired['wins']} of "
+                  f"{interval(paired['ci95'], True)}; {paired['a']} ahead on {paired['wins']} of "
                   f"{len(paired['diffs'])} seeds" + (f" (tied on {paired['ties']})" if paired["ties"] else "")]
     teacher = next((r for r in rows if r["method"] == "teacher"), None)
     student = next((r for r in rows if r["method"] != "teacher"), None)
     if bench and teacher and student:
         t, s = teacher["benchmark"], student["benchmark"]
-        lines += ["", f"{student['network']} vs {teacher['network']}: "
-                      f"{t['latency_ms'] / s['latency_ms']:.2f}x lower "
+        lines += ["", f"{student['network']} vs {teacher['network']}: {t['latency_ms'] / s['latency_ms']:.2f}x lower "
                       f"batch-1 latency, {s['throughput'] / t['throughput']:.2f}x throughput"]
     return lines
 
@@ -330,14 +315,12 @@ def classification_report(y_true: list[int], y_pred: list[int], num_classes: int
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {
-        "accuracy": float(100 * tp.sum() / max(cm.sum(), 1)),
-        "balanced_accuracy": float(100 * recall[support > 0].mean()) if support.any() else 0.0,
-        "macro_f1": float(100 * f1[support > 0].mean()) if support.any() else 0.0,
-        "absent": np.flatnonzero(support == 0).tolist(),
-        "precision": (100 * precision).tolist(), "recall": (100 * recall).tolist(), "f1": (100 * f1).tolist(),
-        "support": support.tolist(), "confusion": cm.tolist(),
-    }
+    return {"accuracy": float(100 * tp.sum() / max(cm.sum(), 1)),
+            "balanced_accuracy": float(100 * recall[support > 0].mean()) if support.any() else 0.0,
+            "macro_f1": float(100 * f1[support > 0].mean()) if support.any() else 0.0,
+            "absent": np.flatnonzero(support == 0).tolist(),
+            "precision": (100 * precision).tolist(), "recall": (100 * recall).tolist(), "f1": (100 * f1).tolist(),
+            "support": support.tolist(), "confusion": cm.tolist()}
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -432,27 +415,28 @@ def report_lines(row):
     lines += [f"{c:<{width}}{rep['precision'][i]:>10.2f}{rep['recall'][i]:>9.2f}{rep['f1'][i]:>8.2f}"
               f"{rep['support'][i]:>9}" for i, c in enumerate(classes)]
     clustered = row["clustered"] or {}
-    by = lambda key: (f" (by {clustered['by']}: {interval((clustered[key] or {}).get('ci95'))})"
-                      if clustered else "")
+    by = lambda key: f" (by {clustered['by']}: {interval((clustered[key] or {}).get('ci95'))})" if clustered else ""
     lines += [f"accuracy {rep['accuracy']:.2f}% (95% CI {lo:.2f}-{hi:.2f}){by('accuracy')}  balanced accuracy "
               f"{rep['balanced_accuracy']:.2f}%{by('balanced_accuracy')}  macro-F1 {rep['macro_f1']:.2f}%"]
     if rep["absent"]:
         lines.append(f"balanced accuracy and macro-F1 average over the {len(classes) - len(rep['absent'])} classes "
                      f"the tiles have; absent: {', '.join(classes[c] for c in rep['absent'])}")
     lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-    lines.append(" " * width + "".join(f"{i:>6}" for i in range(len(classes))))
-    lines += [f"{f'{i} {c}':<{width}}" + "".join(f"{n:>6}" for n in counts)
-              for i, (c, counts) in enumerate(zip(classes, rep["confusion"]))]
-    return lines
+    return lines + matrix_lines([f"{i} {c}" for i, c in enumerate(classes)], rep["confusion"], width)
+
+
+def matrix_lines(names: list[str], counts: list[list[int]], width: int) -> list[str]:
+    """A matrix of counts as text: the columns (classes) numbered, one named row per list of counts."""
+    header = " " * width + "".join(f"{i:>6}" for i in range(len(counts[0])))
+    return [header] + [f"{name:<{width}}" + "".join(f"{n:>6}" for n in row) for name, row in zip(names, counts)]
 
 
 def write_predictions_csv(rows, path) -> None:
     """One row per test tile and checkpoint: file, true and predicted class, class probabilities,
     the tile's group (slide or patient) where it is known, and of another lab's tiles their folder
     and the scale rule."""
-    classes = rows[0]["classes"]
+    classes, external = rows[0]["classes"], rows[0]["data"].get("external")
     grouped = any(r["groups"] for r in rows)
-    external = rows[0]["data"].get("external")
     extra = ["group"] * grouped + ["folder", "scale_rule"] * bool(external)
 
     def more(r, i):
@@ -461,8 +445,7 @@ def write_predictions_csv(rows, path) -> None:
 
     mpkd.write_csv(["checkpoint", "file", *extra, "true", "predicted", *(f"p_{c}" for c in classes)],
                    [[r["checkpoint"], f, *more(r, i), classes[t], classes[p], *pr] for r in rows
-                    for i, (f, t, p, pr) in enumerate(zip(r["files"], r["labels"], r["predicted"], r["probs"]))],
-                   path)
+                    for i, (f, t, p, pr) in enumerate(zip(r["files"], r["labels"], r["predicted"], r["probs"]))], path)
 
 
 def speed(model, img_size: int, device: torch.device, precision: str, train_batch: int, repeats: int = 20) -> dict:
@@ -491,8 +474,7 @@ def speed(model, img_size: int, device: torch.device, precision: str, train_batc
         loss.backward()
         opt.step()
 
-    ce_s, kd_s = mpkd.median_seconds([lambda: step(0.0), lambda: step(0.5)], device, max(3, repeats // 2),
-                                 warmup=3)
+    ce_s, kd_s = mpkd.median_seconds([lambda: step(0.0), lambda: step(0.5)], device, max(3, repeats // 2), warmup=3)
     return {"latency_ms": 1000 * latency, "throughput": big_batch / batch_s,
             "train_step_images_per_s": train_batch / ce_s, "kd_step_images_per_s": train_batch / kd_s}
 
@@ -534,11 +516,10 @@ def read_class_map(path: str | Path, folders: list[str], classes: list[str]) -> 
     try:
         text = path.read_text(encoding="utf-8-sig")
         delimiter = ";" if ";" in text and "," not in text else ","
-        rows = [[cell.strip() for cell in r] for r in csv.reader(text.splitlines(), delimiter=delimiter)
-                if any(cell.strip() for cell in r)]
+        rows = [[cell.strip() for cell in r] + [""] * (2 - len(r))  # a missing second column: empty
+                for r in csv.reader(text.splitlines(), delimiter=delimiter) if any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise mpkd.UserError(f"--class-map {path} is not a readable CSV ({err})") from None
-    rows = [r + [""] * (2 - len(r)) for r in rows]
     if rows and rows[0][0] not in folders and rows[0][1] and find_class(rows[0][1], classes) is None:
         rows = rows[1:]  # the header
     mapping, by_case = {}, {f.lower(): f for f in folders}
@@ -553,9 +534,8 @@ def read_class_map(path: str | Path, folders: list[str], classes: list[str]) -> 
     if not set(mapping) & set(folders):
         raise mpkd.UserError(f"--class-map {path} names none of the folders it is for ({', '.join(folders)}); "
                              f"its first column must hold folder names, its rows folder,class")
-    absent = [f for f in mapping if f not in folders]
     return mapping, [f"warning: --class-map {path.name} names {f}, which is not a folder of the set: row ignored"
-                     for f in absent]
+                     for f in mapping if f not in folders]
 
 
 def external_folder(external: str) -> tuple[Path, str | None]:
@@ -588,14 +568,12 @@ def external_set(external: str, class_map: str | None, image_mpp: float | None, 
         (mapping, warnings), source = read_class_map(class_map, folders, classes), str(class_map)
     elif known and len(as_named) < len(folders):  # a model of other classes than the set's own
         mapping, source = dict(known["class_map"]), f"{name}'s map to Kather 2016 (docs/crc-val-he-7k.csv)"
-        lacking = sorted({c for c in mapping.values() if find_class(c, classes) is None})
-        if lacking:
+        if lacking := sorted({c for c in mapping.values() if find_class(c, classes) is None}):
             raise mpkd.UserError(f"the checkpoint's classes ({', '.join(classes)}) are neither {name}'s nor "
                                  f"Kather 2016's ({', '.join(lacking)} missing): pass --class-map FILE.csv")
         mapping = {f: classes[find_class(c, classes)] for f, c in mapping.items()}
     else:
-        others = [f for f in folders if f not in as_named]
-        if others:
+        if others := [f for f in folders if f not in as_named]:
             raise mpkd.UserError(f"folders {', '.join(others)} of {root} are not classes of the checkpoint "
                                  f"({', '.join(classes)}): pass --class-map FILE.csv, rows of folder,class")
         mapping, source = as_named, "folder names"
@@ -612,9 +590,8 @@ def external_set(external: str, class_map: str | None, image_mpp: float | None, 
     if not used:
         raise mpkd.UserError(f"nothing in {root} is mapped to a class of the checkpoint: its folders are "
                              f"{', '.join(folders)}, the classes {', '.join(classes)}; map some in --class-map")
-    for f in used:
-        if not held[f]:
-            raise mpkd.UserError(f"class folder {root / f} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)})")
+    if empty := [f for f in used if not held[f]]:
+        raise mpkd.UserError(f"class folder {root / empty[0]} holds no images ({' '.join(mpkd.IMAGE_SUFFIXES)})")
     files = [f"{f}/{x}" for f in used for x in held[f]]
     folder_of = [f for f in used for _ in held[f]]
     mpp = image_mpp or known.get("mpp")
@@ -645,9 +622,8 @@ def external_views(ext: dict, ckpt: dict, path, tile_um: float | None, target: d
     size, tile_um = ckpt["identity"]["img_size"], tile_um or ckpt["tile"]["um"]
     key = (size, tile_um if ext["rule"] != "resize" else None)
     if key not in cache:
-        progress = mpkd.Progress(len(ext["files"]), "tiles", print, label="decoded ")
         groups, bad = mpkd.decode_views(ext["folder"], ext["files"], size, ext["rule"], ext["image_mpp"], tile_um,
-                                        progress)
+                                        mpkd.Progress(len(ext["files"]), "tiles", print, label="decoded "))
         if bad:
             raise mpkd.UserError(f"{len(bad)} of {len(ext['files'])} tiles under {ext['folder']} do not decode: "
                                  f"{mpkd.first_few([f'{f} ({why})' for f, why in bad.items()])}; remove or "
@@ -672,17 +648,15 @@ def evaluate_external(path, ext: dict, device: torch.device, precision: str, cac
     groups, how = external_views(ext, ckpt, path, ext["tile_um"], target, cache)
     model = mpkd.to_device(mpkd.load_model(ckpt, path), device)
     views = sum(len(o) for _, o in groups)
-    progress = mpkd.Progress(views, "views", print, label=f"{Path(str(path)).name}: ")
     logits = mpkd.view_logits(lambda x: mpkd.predict(model, x.to(device), precision).cpu(), groups, len(ext["files"]),
-                              progress=progress)
+                              progress=mpkd.Progress(views, "views", print, label=f"{Path(str(path)).name}: "))
     settings = {k: ext[k] for k in ("folder", "name", "class_map", "class_map_from", "skipped", "unmapped", "tiles",
                                     "other_files", "empty_folders", "image_mpp", "mpp_from", "rule", "group_by")}
     settings.update(how, views=views, stain_norm=ext["stain_norm"])
-    labels = ext["labels"]
-    row = score_row(path, ckpt, model, logits, labels, ext["files"], {"external": settings, **ckpt["identity"],
-                    "folder": ext["folder"]}, [ext["folder"], mpkd.tiles_fingerprint(ext["files"], labels),
-                                               ext["rule"], ext["stain_norm"], ext["stain_ref"]],
-                    ext["groups"], ext["group_by"])
+    row = score_row(path, ckpt, model, logits, ext["labels"], ext["files"],
+                    {"external": settings, **ckpt["identity"], "folder": ext["folder"]},
+                    [ext["folder"], mpkd.tiles_fingerprint(ext["files"], ext["labels"]), ext["rule"], ext["stain_norm"],
+                     ext["stain_ref"]], ext["groups"], ext["group_by"])
     folders = sorted(set(ext["folders"]))
     confusion = np.zeros((len(folders), len(ext["classes"])), np.int64)
     np.add.at(confusion, ([folders.index(f) for f in ext["folders"]], row["predicted"]), 1)
@@ -717,7 +691,7 @@ def external_lines(rows) -> list[str]:
     """How the external tiles were read and mapped, and with one checkpoint its folders' confusion
     with the classes."""
     row = rows[0]
-    ext, classes = row["data"]["external"], row["classes"]
+    ext = row["data"]["external"]
     scale = (f"{ext['image_mpp']:g} um/px ({ext['mpp_from']})" if ext["image_mpp"] else
              "unknown (no --image-mpp): each tile resized whole, as the training tiles were")
     lines = ["", f"external tiles: {ext['folder']}" + (f" (the named set {ext['name']})" if ext["name"] else ""),
@@ -741,12 +715,9 @@ def external_lines(rows) -> list[str]:
                  + (f"; passed over: {', '.join(passed)}" if passed else ""))
     if len(rows) > 1:
         return lines
-    width = max(12, max(len(f) for f in row["folder_confusion"]["folders"]) + 2)
-    lines += ["", "external folders (rows) against the checkpoint's classes (columns)",
-              " " * width + "".join(f"{i:>6}" for i in range(len(classes)))]
-    lines += [f"{f:<{width}}" + "".join(f"{n:>6}" for n in counts)
-              for f, counts in zip(row["folder_confusion"]["folders"], row["folder_confusion"]["counts"])]
-    return lines
+    folders, counts = row["folder_confusion"]["folders"], row["folder_confusion"]["counts"]
+    lines += ["", "external folders (rows) against the checkpoint's classes (columns)"]
+    return lines + matrix_lines(folders, counts, max(12, max(len(f) for f in folders) + 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,11 +742,6 @@ def _finish(plt, fig, path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
-def _tag(i: int, path: str) -> str:
-    """A short unique file-name part for the i-th checkpoint: 03_mpkd."""
-    return f"{i + 1:02d}_{Path(path).stem}"
-
-
 def plot_learning_curves(plt, rows, path) -> None:
     """Training loss, validation accuracy and the stored teacher epoch followed, per epoch: one
     colour per Table II row, thin lines per seed and a bold mean where a row has several."""
@@ -783,21 +749,18 @@ def plot_learning_curves(plt, rows, path) -> None:
     titles = ("training loss\n(with KD: (1-w) CE + w T² KL, not comparable with CE alone)",
               "validation accuracy (%)", "teacher epoch followed (KD target)")
     keys = ("loss", "val_acc", "teacher_epoch")
-    groups, colours = {}, {}
+    groups = {}
     for r in rows:
-        groups.setdefault(r["method"], []).append(r["history"])
-        colours[r["method"]] = ROW_COLOURS[r["method_key"]]
-    for method, histories in groups.items():
-        colour = colours[method]
+        groups.setdefault(r["method"], []).append(r)
+    for method, mine in groups.items():
+        colour = ROW_COLOURS[mine[0]["method_key"]]  # one method key per method name
         for ax, key in zip(axes, keys):
-            curves = [[(h["epoch"], h[key]) for h in hist if key in h] for hist in histories]
-            curves = [c for c in curves if c]
+            curves = [c for c in ([(h["epoch"], h[key]) for h in r["history"] if key in h] for r in mine) if c]
             if not curves:
                 continue
             if key == "teacher_epoch":
                 ax.yaxis.get_major_locator().set_params(integer=True)
-            draw = ax.step if key == "teacher_epoch" else ax.plot
-            kw = {"where": "mid"} if key == "teacher_epoch" else {}
+            draw, kw = (ax.step, {"where": "mid"}) if key == "teacher_epoch" else (ax.plot, {})
             for c in curves:
                 draw(*zip(*c), color=colour, lw=0.8 if len(curves) > 1 else 2, alpha=0.45 if len(curves) > 1
                      else 1, label=None if len(curves) > 1 else method, **kw)
@@ -825,10 +788,9 @@ def plot_confusion(plt, row, path) -> None:
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.75 * k), max(4.5, 1.2 + 0.7 * len(names))))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(names)):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+    for i, j in np.ndindex(cm.shape):  # (folders or true classes, predicted classes)
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
@@ -850,9 +812,8 @@ def error_caption(row: dict, i: int) -> str:
 
 def plot_errors(plt, row, root, path, most: int = 48) -> None:
     """The misclassified test tiles, most confident mistakes first, from the original image files."""
-    wrong = [i for i, ok in enumerate(row["outcomes"]) if not ok]
-    wrong.sort(key=lambda i: -row["probs"][i][row["predicted"][i]])
-    wrong = wrong[:most]
+    wrong = sorted((i for i, ok in enumerate(row["outcomes"]) if not ok),
+                   key=lambda i: -row["probs"][i][row["predicted"][i]])[:most]
     cols = 8
     nrows = max(1, math.ceil(len(wrong) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(2.0 * cols, 2.35 * nrows + 0.5), squeeze=False)
@@ -882,8 +843,7 @@ def plot_table2(plt, rows, summary, path) -> None:
         below, above = max(0.0, s["accuracy_mean"] - lo), max(0.0, hi - s["accuracy_mean"])  # 100%: rounding
         ax.errorbar(x + 0.28, s["accuracy_mean"], yerr=[[below], [above]],
                     fmt="D", color=colour, capsize=4, ms=6, zorder=4)
-    ax.set_xticks(range(len(summary)), [f"{s['method']}\n{s['network']} (n={s['n']})" for s in summary],
-                  fontsize=8)
+    ax.set_xticks(range(len(summary)), [f"{s['method']}\n{s['network']} (n={s['n']})" for s in summary], fontsize=8)
     ax.set_xlim(-0.5, len(summary) - 0.3)
     ax.set_ylabel("test accuracy (%)")
     bar = ("95% t-interval of the mean across seeds" if all(s["n"] > 1 for s in summary) else
@@ -927,12 +887,12 @@ def write_plots(plt, rows, summary, folder) -> list[Path]:
     plot_learning_curves(plt, rows, written[0])
     plot_table2(plt, rows, summary, written[1])
     for i, r in enumerate(rows):
-        written += [folder / f"confusion_{_tag(i, r['checkpoint'])}.png",
-                    folder / f"errors_{_tag(i, r['checkpoint'])}.png"]
+        tag = f"{i + 1:02d}_{Path(r['checkpoint']).stem}"  # short and unique: 03_mpkd
+        written += [folder / f"confusion_{tag}.png", folder / f"errors_{tag}.png"]
         plot_confusion(plt, r, written[-2])
         plot_errors(plt, r, r["data"]["folder"], written[-1])
         if any(h.get("route") for h in r["history"]):
-            written.append(folder / f"route_{_tag(i, r['checkpoint'])}.png")
+            written.append(folder / f"route_{tag}.png")
             plot_route(plt, r, written[-1])
     return written
 
@@ -948,8 +908,7 @@ def main(args):
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         mpkd.check_writable(Path(args.plots) / "table2.png")
-    for path in (p for p in (args.json, args.predictions) if p):
-        mpkd.check_writable(path)
+    mpkd.check_writable(*(p for p in (args.json, args.predictions) if p))
     if args.external:
         rows = score_external(args, device, precision)
     else:

@@ -191,13 +191,12 @@ def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | P
 
     if not timm.is_model(name):
         raise UserError(f"--model {name} is not a timm model (the paper uses mixnet_l and mixnet_s)")
+    if weights is None and pretrained:  # cached: no network needed, and no retries against a hub that cannot answer
+        weights = _cached_weights(name)
     if weights is not None:
         return load_imagenet_weights(timm.create_model(name, num_classes=num_classes), weights, name)
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    cached = _cached_weights(name)
-    if cached is not None:  # no network needed, and no retries against a hub that cannot answer
-        return load_imagenet_weights(timm.create_model(name, num_classes=num_classes), cached, name)
     ways_out = (f"pass --weights FILE (a state dict or .safetensors of timm's {name} ImageNet "
                 f"weights), or --no-pretrained to train from scratch")
     if not _hub_reachable():  # offline: say so now rather than after a minute of download retries
@@ -251,17 +250,14 @@ def load_imagenet_weights(model: torch.nn.Module, path: str | Path, name: str) -
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file  # installed with timm
+        except ImportError:
+            raise UserError(f"--weights {path} needs the safetensors package: pip install safetensors") from None
     try:
-        if path.suffix == ".safetensors":
-            try:
-                from safetensors.torch import load_file  # installed with timm
-            except ImportError:
-                raise UserError(f"--weights {path} needs the safetensors package: pip install safetensors") from None
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
+        state = (load_file(str(path)) if path.suffix == ".safetensors"
+                 else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as err:  # truncated, not a tensor file, or a pickle that would run code
         raise UserError(f"--weights {path} is not a state dict or safetensors file "
                         f"({type(err).__name__})") from None
@@ -306,13 +302,14 @@ def network_name(name: str) -> str:
 # happen batch by batch on the training device.
 
 
-def fetch_zip(root: str | Path, url: str, md5: str, page: str) -> None:
+def fetch_zip(root: str | Path, url: str, md5: str, page: str, or_else: str = "") -> None:
     """Download a data set's zip from `url` into the folder above `root`, check its md5 and unpack it
-    so that `root` exists. Offline it stops at once, naming the file and where to unpack it."""
+    so that `root` exists. Offline it stops at once, naming the file and where to unpack it, and
+    `or_else` (", or pass --data DIR") at the end of every message."""
     from torchvision.datasets.utils import download_and_extract_archive
 
     root, name = Path(root), url.rsplit("/", 1)[-1]
-    get_it = f"get {name} from {page} and unpack it into {root.parent}"
+    get_it = f"get {name} from {page} and unpack it into {root.parent}{or_else}"
     host = re.sub(r"^\w+://", "", url).split("/")[0]
     if url.startswith("http") and not _reachable(host):
         raise UserError(f"{root} is missing and {host} cannot be reached; {get_it}")
@@ -323,14 +320,6 @@ def fetch_zip(root: str | Path, url: str, md5: str, page: str) -> None:
                         f"{get_it}") from None
     if not root.is_dir():
         raise UserError(f"the downloaded {name} did not unpack to {root}; {get_it}")
-
-
-def fetch_kather(root: str | Path) -> None:
-    """Download and unpack the Kather 2016 zip (md5-checked) so that `root` exists."""
-    try:
-        fetch_zip(root, KATHER_URL, KATHER_MD5, "https://zenodo.org/record/53169")
-    except UserError as err:
-        raise UserError(f"{err}, or pass --data DIR") from None
 
 
 def ignored(relative: str | Path) -> bool:
@@ -397,8 +386,7 @@ def _decode_into(job: tuple) -> list[tuple[str, str]]:
 def decode_image(path: str | Path, size: int) -> torch.Tensor:
     """One image as a (3, size, size) uint8 tensor: any mode becomes RGB, any size is resized."""
     out = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-    bad = _decode_into((Path(path).parent, [Path(path).name], out))
-    if bad:
+    if bad := _decode_into((Path(path).parent, [Path(path).name], out)):
         raise UserError(f"cannot decode image {path}: {bad[0][1]}")
     return out[0]
 
@@ -422,13 +410,9 @@ def decode_images(root: str | Path, files: list[str], size: int,
         out.share_memory_()  # torch.multiprocessing passes views of it to the workers, not copies
     jobs = [(str(root), files[i:i + chunk], out[i:i + chunk]) for i in starts]
     bad = []
-    with contextlib.ExitStack() as stack:
-        if parallel:
-            pool = stack.enter_context(ProcessPoolExecutor(workers, multiprocessing.get_context("fork")))
-            results = pool.map(_decode_into, jobs)
-        else:
-            results = map(_decode_into, jobs)
-        for failed, job in zip(results, jobs):
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork")) if parallel else None
+    with pool or contextlib.nullcontext():
+        for failed, job in zip(pool.map(_decode_into, jobs) if pool else map(_decode_into, jobs), jobs):
             bad += failed
             if progress is not None:
                 progress.update(len(job[1]))
@@ -456,15 +440,12 @@ def load_images(root: str | Path, files: list[str], size: int, progress: "Progre
 
 def slide_ids(files: list[str]) -> list[str]:
     """The source slide of each Kather tile, parsed from its file name ('CRC-Prim-HE-07')."""
-    ids = []
-    for name in files:
-        match = SLIDE_PATTERN.search(Path(name).name)
-        if match is None:
-            raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name (Kather's "
-                            f"tiles), {name} has none; for other data give --groups FILE.csv (columns "
-                            f"file,group) to split by slide or patient")
-        ids.append(match.group(0))
-    return ids
+    found = [SLIDE_PATTERN.search(Path(name).name) for name in files]
+    if not all(found):
+        raise UserError(f"--split-by slide needs 'CRC-Prim-HE-<NN>' in every file name (Kather's "
+                        f"tiles), {files[found.index(None)]} has none; for other data give --groups FILE.csv "
+                        f"(columns file,group) to split by slide or patient")
+    return [match.group(0) for match in found]
 
 
 GROUP_FILE_COLUMNS = ("file", "path", "filename", "image", "tile")  # header names taken, any case
@@ -498,8 +479,7 @@ def read_groups(path: str | Path, files: list[str], flag: str = "--groups") -> t
                         f"row per image; its header is {','.join(header) or 'empty'}")
     group_of = {Path(r[file_col].strip()).as_posix(): r[group_col].strip()
                 for r in rows[1:] if len(r) > max(file_col, group_col) and r[file_col].strip()}
-    missing = [f for f in files if not group_of.get(f)]
-    if missing:
+    if missing := [f for f in files if not group_of.get(f)]:
         raise UserError(f"{flag} {path} names no group for {len(missing)} of {len(files)} images, "
                         f"e.g. {', '.join(missing[:3])}")
     known = set(files)
@@ -579,8 +559,7 @@ def _grouped_cut(idx: list[int], labels: list[int], groups: list[str], frac: flo
         ):
             chosen.append(g)
             have += counts[g]
-    taken = [i for i in idx if groups[i] in chosen]
-    return taken, [i for i in idx if groups[i] not in chosen]
+    return [i for i in idx if groups[i] in chosen], [i for i in idx if groups[i] not in chosen]
 
 
 def split_indices(labels: list[int], test_frac: float, val_frac: float, seed: int,
@@ -603,10 +582,7 @@ def split_indices(labels: list[int], test_frac: float, val_frac: float, seed: in
 
 def tiles_fingerprint(files: list[str], labels: list[int]) -> str:
     """A short hash of a file list and its labels: tells whether two runs saw the same images."""
-    digest = hashlib.sha256()
-    for name, label in zip(files, labels):
-        digest.update(f"{name}\t{label}\n".encode())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256("".join(f"{name}\t{label}\n" for name, label in zip(files, labels)).encode()).hexdigest()[:16]
 
 
 def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int, test_frac: float,
@@ -617,7 +593,7 @@ def load_dataset(root: str | Path, img_size: int, split_by: str, split_seed: int
     groups came from; `data["warnings"]` names classes that the split leaves without a training or
     test tile and rows of a groups file that name no data file."""
     if not Path(root).exists() and Path(root) == Path(DEFAULT_DATA):
-        fetch_kather(root)
+        fetch_zip(root, KATHER_URL, KATHER_MD5, "https://zenodo.org/record/53169", ", or pass --data DIR")
     files, labels, classes = find_images(root)
     if classes_of is not None and classes != classes_of[0]:
         raise UserError(f"{classes_of[1]} does not belong to the data folder {root}: its classes are "
@@ -654,7 +630,6 @@ def check_images_open(data: dict) -> None:
         try:
             with Image.open(Path(data["root"]) / name) as img:
                 img.verify()
-            return None
         except UNREADABLE as err:
             return f"{name} ({err or type(err).__name__})"
 
@@ -668,14 +643,13 @@ def check_images_open(data: dict) -> None:
 def check_memory(data: dict, parts: tuple[str, ...], device: torch.device) -> None:
     """Refuse to decode parts that cannot fit: uint8 bytes against the device's free memory (and
     the host's, where every image is decoded first)."""
-    size = data["identity"]["img_size"]
-    need = sum(len(data["split"][p]) for p in parts) * 3 * size * size
+    size, count = data["identity"]["img_size"], sum(len(data["split"][p]) for p in parts)
+    need = count * 3 * size * size
     budgets = [("this machine's available memory", _available_host_bytes())]
     if device.type == "cuda":
         budgets.append((f"{device}'s free memory", free_device_bytes(device)))
     for where, have in budgets:
         if have is not None and need > 0.8 * have:  # leave room for the model and activations
-            count = sum(len(data["split"][p]) for p in parts)
             raise UserError(f"{count} images at {size} px need {_size(need)} as uint8, more than 80% "
                             f"of {where} ({_size(have)}); lower --img-size or use fewer images")
 
@@ -695,13 +669,10 @@ def _size(n: int) -> str:
 
 def _available_host_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None (unknown: not checked)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return None
 
 
@@ -753,26 +724,24 @@ def decode_for_training(data: dict, device: torch.device, batch_size: int, say, 
     check_images_open(data)
     check_memory(data, ("train", "val"), device)
     train, val = load_part(data, "train", device, say), load_part(data, "val", device, say)
-    note = few_batches_note(len(train["labels"]), batch_size)
-    if note:
+    if note := few_batches_note(len(train["labels"]), batch_size):
         warn(note)
     return train, val
 
 
 def split_table(data: dict) -> list[str]:
     """Lines that show the split: tiles (and slides, if grouped) per class and side."""
+    kind, unit = ("slides", "sl") if data["identity"]["split_by"] == "slide" else ("groups", "gr")
     lines = [f"{'class':<14}" + "".join(f"{p:>16}" for p in ("train", "val", "test"))]
     for c, name in enumerate(data["classes"]):
         cells = []
         for part in ("train", "val", "test"):
             idx = [i for i in data["split"][part] if data["labels"][i] == c]
-            unit = "sl" if data["identity"]["split_by"] == "slide" else "gr"  # slides or groups
             slides = f" ({len({data['groups'][i] for i in idx})} {unit})" if data["groups"] else ""
             cells.append(f"{len(idx)}{slides}")
         lines.append(f"{name:<14}" + "".join(f"{cell:>16}" for cell in cells))
     if data["groups"]:
         sides = {p: sorted({data["groups"][i] for i in data["split"][p]}) for p in ("train", "val", "test")}
-        kind = "slides" if data["identity"]["split_by"] == "slide" else "groups"
         lines.append(f"{kind}: " + "; ".join(f"{p} {' '.join(names)}" for p, names in sides.items()))
     return lines
 
@@ -914,10 +883,9 @@ def median_stain(fits: list[dict]) -> dict:
     decided by the typical tile (docs/generalisation.md)."""
     if not fits:
         raise ValueError("no tile holds enough stained tissue for an estimate")
-    stains = torch.tensor([f["stains"] for f in fits], dtype=torch.float64).median(0).values
-    return {"stains": torch.nn.functional.normalize(stains, dim=1).tolist(),
-            "max_conc": torch.tensor([f["max_conc"] for f in fits], dtype=torch.float64).median(0).values.tolist(),
-            "pixels": sum(f["pixels"] for f in fits), "tiles": len(fits)}
+    median = lambda key: torch.tensor([f[key] for f in fits], dtype=torch.float64).median(0).values
+    return {"stains": torch.nn.functional.normalize(median("stains"), dim=1).tolist(),
+            "max_conc": median("max_conc").tolist(), "pixels": sum(f["pixels"] for f in fits), "tiles": len(fits)}
 
 
 def tile_stains(images: torch.Tensor, most: int = STAIN_TILES) -> list[dict]:
@@ -1004,13 +972,10 @@ def stain_normalised(groups: list, target: dict, mode: str, source: dict | None 
     and what was done."""
     if mode == "macenko" and source is None:
         source = folder_stain([views for views, _ in groups])
-    out, unchanged = [], 0
-    for views, owner in groups:
-        views, left = normalise_stain(views, source, target)
-        out.append((views, owner))
-        unchanged += left
+    restained = [normalise_stain(views, source, target) for views, _ in groups]  # (views, unchanged) each
+    out = [(views, owner) for (views, _), (_, owner) in zip(restained, groups)]
     return out, {"stain_target_from": target["from"], "stain_target": target, "stain_source": source,
-                 "stain_unchanged": unchanged}
+                 "stain_unchanged": sum(left for _, left in restained)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1074,9 +1039,7 @@ def pick_precision(device: torch.device, amp: bool | None) -> str:
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on `device` for precision 'bf16', else nothing (fp32). The KD loss and the route
     cast logits to fp32 themselves."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def fused_adam(device: torch.device) -> bool:
@@ -1201,7 +1164,7 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    bad_batch = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch, if any
+    bad_batch = torch.zeros((), dtype=torch.long, device=device)  # first non-finite batch (from 1), if any
     seen, compile_images, compile_seconds = 0, 0, 0.0
     sync(device)
     start = time.perf_counter()
@@ -1223,7 +1186,7 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss), step + 1, bad_batch)
+        bad_batch = torch.where((bad_batch == 0) & ~torch.isfinite(loss), step + 1, bad_batch)
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(1) == labels[idx]).sum()
         seen += len(idx)
@@ -1234,11 +1197,10 @@ def train_one_epoch(model, opt, part: dict, batch_size: int, gen: torch.Generato
             compile_images += len(idx)
     sync(device)  # the one sync point of the epoch
     seconds = time.perf_counter() - start
-    bad = int(bad_batch)
     timed = seen - compile_images  # None below: every step of the epoch compiled, none was timed
     stats = {"loss": total_loss.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
              "images_per_s": timed / (seconds - compile_seconds) if timed else None, "train_seconds": seconds,
-             "bad_batch": bad if bad > 0 else None}
+             "bad_batch": int(bad_batch) or None}
     if compiled is not None:
         stats["compile_seconds"] = compile_seconds
     return stats
@@ -1334,16 +1296,13 @@ def fit(model, train: dict, val: dict, args: dict, identity: dict, state: dict |
 def peak_memory(device: torch.device) -> dict:
     """{"peak_memory_mb": ...}: the most CUDA memory tensors have held so far in this process ({} on
     the CPU, where the operating system keeps that count)."""
-    if device.type != "cuda":
-        return {}
-    return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 1e6}
+    return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 1e6} if device.type == "cuda" else {}
 
 
 def precisions(history: list[dict]) -> str:
     """The precision a run's epochs trained in, for its checkpoint: 'bf16', 'fp32', or both in
     order ('fp32, then bf16') for a run resumed on another device."""
-    seen = list(dict.fromkeys(r["precision"] for r in history))
-    return ", then ".join(seen)
+    return ", then ".join(dict.fromkeys(r["precision"] for r in history))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1387,8 +1346,7 @@ def load_model(ckpt: dict, path: str | Path) -> torch.nn.Module:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError) as err:
-        first_line = str(err).splitlines()[0]
-        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({first_line})") from None
+        raise UserError(f"{path}: weights do not fit {ckpt['model']} ({str(err).splitlines()[0]})") from None
     return model
 
 
@@ -1409,8 +1367,7 @@ def load_test_split(ckpt: dict, path, data_dir: str | None, groups_file: str | N
         check_memory(data, ("test",), device)
         cache[key] = (data, load_part(data, "test", device, say))
     data, part = cache[key]
-    differ = mismatches(ident, data["identity"])
-    if differ:
+    if differ := mismatches(ident, data["identity"]):
         raise UserError(f"{path} does not belong to the data folder {root} ({'; '.join(differ)})")
     return data, part
 
@@ -1544,21 +1501,18 @@ def decode_views(root, files: list[str], size: int, rule: str, mpp: float | None
         except UNREADABLE as err:
             return str(err) or type(err).__name__
 
-    decoded = []
+    groups, bad = {}, {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL resizes without the GIL
-        for got in pool.map(views, files):
-            decoded.append(got)
+        for i, (name, got) in enumerate(zip(files, pool.map(views, files))):
             if progress is not None:
                 progress.update(1)
-    groups, bad = {}, {}
-    for i, (name, got) in enumerate(zip(files, decoded)):
-        if isinstance(got, str):
-            bad[name] = got
-            continue
-        for view in got:
-            group = groups.setdefault(view.shape, ([], []))
-            group[0].append(view)
-            group[1].append(i)
+            if isinstance(got, str):
+                bad[name] = got
+                continue
+            for view in got:
+                group = groups.setdefault(view.shape, ([], []))
+                group[0].append(view)
+                group[1].append(i)
     return [(torch.from_numpy(np.stack(v)), torch.tensor(o)) for v, o in groups.values()], bad
 
 
@@ -1616,12 +1570,11 @@ def check_settings(args: dict) -> None:
         ("stain_augment", lambda v: v is None or 0 < v < 1, "must be in (0, 1)"),
         ("test_frac", lambda v: 0 < v < 1, "must be in (0, 1)"),
         ("val_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("save_every", lambda v: v > 0, "must be positive"),
     ]
     for name, ok, why in rules:
         if name in args and not ok(args[name]):
             raise UserError(f"--{name.replace('_', '-')} {args[name]} {why}")
-    if "save_every" in args and args["save_every"] <= 0:
-        raise UserError(f"--save-every {args['save_every']} must be positive")
 
 
 def _atomic_write(path: str | Path, write) -> None:
@@ -1662,9 +1615,7 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
 def write_csv(header: list[str], rows: list[list], path) -> None:
     """Write a CSV file (a header row, then `rows`) atomically."""
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buf).writerows([header, *rows])
     write_text_atomic(buf.getvalue(), path)
 
 
@@ -1704,8 +1655,7 @@ def check_writable(*paths: str | Path) -> None:
         if Path(path).is_dir():
             raise UserError(f"cannot write {path}: it is a folder")
         try:  # a real write: permissions, read-only mounts and full quotas all show up here
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as err:
             raise UserError(f"cannot write {path}: folder {folder} is not writable "
                             f"({err.strerror})") from None
@@ -1807,13 +1757,6 @@ def open_state(args: dict, data_identity: dict) -> dict | None:
     if differ:
         raise UserError(f"--resume refused, {path} was made with other settings ({'; '.join(differ)})")
     return state
-
-
-def check_same_data(found: dict, identity: dict, path: str | Path) -> None:
-    """Refuse a file (teacher logits) made from other data, split, image size, groups or classes."""
-    differ = mismatches(identity, found)
-    if differ:
-        raise UserError(f"{path} belongs to other data or settings ({'; '.join(differ)})")
 
 
 def resolve_data_folder(given: str | None, recorded: str | None, source: str) -> tuple[str, str | None]:

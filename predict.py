@@ -52,8 +52,7 @@ def get_args(argv=None):
                           "map and overlay, tiles CSV, QuPath GeoJSON, summary JSON")
     p.add_argument("--predictions", default=None, metavar="FILE.csv",
                    help="--images: the CSV written (unset: <folder name>_predictions.csv)")
-    p.add_argument("--tta", action="store_true",
-                   help="--images: average the logits of each tile and its mirror")
+    p.add_argument("--tta", action="store_true", help="--images: average the logits of each tile and its mirror")
     p.add_argument("--out-dir", default=None, help="--map: folder of the outputs (unset: maps)")
     p.add_argument("--stride", type=float, default=None, metavar="UM",
                    help="--map: step between windows in micrometres (unset: the window, no overlap; "
@@ -76,11 +75,9 @@ def check_args(args) -> None:
     if len(args.model) != 1:
         raise mpkd.UserError(f"{'--images predicts' if args.images else '--map classifies'} with one model, "
                              f"{len(args.model)} given")
-    job = "--images" if args.images else "--map"
-    for other, flags in JOB_FLAGS.items():
-        given = [f for f in flags if getattr(args, f) not in (None, False)]
-        if other != job and given:
-            raise mpkd.UserError(f"--{given[0].replace('_', '-')} is for {other}, not {job}")
+    job, other = ("--images", "--map") if args.images else ("--map", "--images")
+    if given := [f for f in JOB_FLAGS[other] if getattr(args, f) not in (None, False)]:
+        raise mpkd.UserError(f"--{given[0].replace('_', '-')} is for {other}, not {job}")
     if args.image_mpp is not None and not args.image_mpp > 0:
         raise mpkd.UserError(f"--image-mpp {args.image_mpp} must be positive: microns per pixel (0.5 at 20x)")
     if args.stain_ref and not args.stain_norm:
@@ -176,14 +173,12 @@ def predict_folder(folder: Path, files: list[str], predictor: dict, rule: str, i
     over the whole folder first for macenko); an unreadable file is listed with its reason and the
     rest are predicted."""
     read = lambda chunk: mpkd.decode_views(folder, chunk, predictor["size"], rule, image_mpp, tile_um)
-    chunks = [files[i:i + IMAGES_CHUNK] for i in range(0, len(files), IMAGES_CHUNK)]
-    source = None
+    results, bad, views, unchanged, source = [], {}, 0, 0, None
     if stain_norm == "macenko":  # one estimate for the folder, from a sample of its tiles first
         sample = files[::-(-len(files) // mpkd.STAIN_TILES)]  # the tiles whose estimates give the median
         source = mpkd.folder_stain([views for views, _ in read(sample)[0]])
-    results, bad, views, unchanged = [], {}, 0, 0
     progress = mpkd.Progress(len(files), "images", print)
-    for chunk in chunks:
+    for chunk in (files[i:i + IMAGES_CHUNK] for i in range(0, len(files), IMAGES_CHUNK)):
         groups, errors = read(chunk)
         bad.update(errors)
         if target is not None:
@@ -213,14 +208,10 @@ def images_report(pred, out) -> list[str]:
         else:
             rows.append([f, "", "", *[""] * len(classes), pred["bad"][f]])
     mpkd.write_csv(["file", "predicted", "probability", *(f"p_{c}" for c in classes), "error"], rows, out)
-    counts = {c: 0 for c in classes}
-    for r in rows:
-        if r[1]:
-            counts[r[1]] += 1
+    counts = {c: sum(r[1] == c for r in rows) for c in classes}
     lines = [f"{len(pred['results'])} of {len(pred['files'])} images predicted with {pred['checkpoint']}; "
              f"wrote {out}", pred["scale"], *([pred["stain"]] if pred["stain"] else []), "",
-             f"{'predicted class':<24}{'images':>8}"]
-    lines += [f"{c:<24}{n:>8}" for c, n in counts.items()]
+             f"{'predicted class':<24}{'images':>8}", *(f"{c:<24}{n:>8}" for c, n in counts.items())]
     if pred["bad"]:
         lines += ["", f"{len(pred['bad'])} unreadable (listed in {out} with the reason): "
                       + mpkd.first_few([f"{f} ({why})" for f, why in pred["bad"].items()])]
@@ -345,26 +336,21 @@ def window_batches(reader, origins: np.ndarray, plan: dict, size: int, pool):
     """uint8 (n, 3, S, S) batches of the windows at `origins`, read at the plan's level and resized
     as in training; the next batch is read by `pool`'s threads while the caller classifies this one."""
     level, read_px, stride = plan["level"], plan["read_px"], plan["stride_px"]
-    down = reader.downsamples[level]
 
     def read(run):  # one region for a run of neighbouring windows, cut into the windows
-        (x, y), offsets, span = run_region(run, down, read_px)
+        (x, y), offsets, span = run_region(run, reader.downsamples[level], read_px)
         region = reader.read(x, y, level, span, read_px)
         return [mpkd.model_input(region.crop((o, 0, o + read_px, read_px)), size) for o in offsets]
 
     n = len(origins)  # a small first batch: classifying starts a few windows after opening, not MAP_BATCH
     edges = sorted({0, n, *range(min(MAP_BATCH // 4, n), n, MAP_BATCH)})
-    spans = list(zip(edges, edges[1:]))
-    def submit(span):
-        batch = origins[span[0]:span[1]]
-        return pool.map(read, [batch[run] for run in window_runs(batch, stride)])
-
-    pending = [submit(s) for s in spans[:2]]
-    for i in range(len(spans)):
-        batch = torch.from_numpy(np.stack([w for run in pending[i] for w in run]))
-        if i + 2 < len(spans):
-            pending.append(submit(spans[i + 2]))
-        pending[i] = None  # its windows are in `batch` now
+    parts = [origins[a:b] for a, b in zip(edges, edges[1:])]
+    submit = lambda part: pool.map(read, [part[run] for run in window_runs(part, stride)])
+    pending = [submit(part) for part in parts[:2]]
+    for i in range(len(parts)):
+        batch = torch.from_numpy(np.stack([w for run in pending.pop(0) for w in run]))  # popped: in `batch` now
+        if i + 2 < len(parts):
+            pending.append(submit(parts[i + 2]))
         yield batch
 
 
@@ -423,12 +409,6 @@ def accumulate(sums: np.ndarray, counts: np.ndarray, cells: np.ndarray, probs: n
         counts[r0:r1, c0:c1] += 1
 
 
-def thumbnail_side(width: int, height: int, window: int) -> int:
-    """The longest side of the thumbnail that the overlay is made from and the tissue mask reduced
-    from: MASK_PX pixels per window, and at least 1024 (the overlay's detail), at most 4096 (its memory)."""
-    return int(np.clip(MASK_PX * max(width, height) / window, 1024, 4096))
-
-
 def otsu_threshold(values: np.ndarray) -> int:
     """Otsu's threshold of uint8 values: the t that maximises the between-class variance of
     values <= t and > t."""
@@ -461,10 +441,9 @@ def tissue_share(mask: np.ndarray, scale: float, origins: np.ndarray, window: in
     pixel: `scale`): (n,) in [0, 1]."""
     integral = np.pad(mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))  # < 2**31 px
     h, w = mask.shape
-    x0 = np.clip((origins[:, 0] * scale).astype(np.int64), 0, w - 1)
-    y0 = np.clip((origins[:, 1] * scale).astype(np.int64), 0, h - 1)
-    x1 = np.clip(np.ceil((origins[:, 0] + window) * scale).astype(np.int64), x0 + 1, w)
-    y1 = np.clip(np.ceil((origins[:, 1] + window) * scale).astype(np.int64), y0 + 1, h)
+    lo = np.clip((origins * scale).astype(np.int64), 0, [w - 1, h - 1])  # (n, 2): x0, y0
+    hi = np.clip(np.ceil((origins + window) * scale).astype(np.int64), lo + 1, [w, h])  # x1, y1
+    (x0, y0), (x1, y1) = lo.T, hi.T
     inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return inside / ((x1 - x0) * (y1 - y0))
 
@@ -472,10 +451,9 @@ def tissue_share(mask: np.ndarray, scale: float, origins: np.ndarray, window: in
 def shard(items: list, spec: str) -> list:
     """Every N-th item from K, for --shard K/N (0 <= K < N): N jobs of a cluster array cover every
     item exactly once, with no scheduler of their own."""
-    match = re.fullmatch(r"(\d+)/(\d+)", spec)
-    if not match or not int(match.group(1)) < int(match.group(2)):
+    k, n = map(int, spec.split("/")) if re.fullmatch(r"\d+/\d+", spec) else (0, 0)
+    if not k < n:
         raise mpkd.UserError(f"--shard {spec} must be K/N with 0 <= K < N, e.g. 0/4")
-    k, n = int(match.group(1)), int(match.group(2))
     return items[k::n]
 
 
@@ -501,7 +479,9 @@ def plan_map(path: Path, predictor: dict, settings: dict, image_mpp: float | Non
     level = pick_level(list(reader.downsamples), mpp, tile_um / predictor["size"])
     width, height = reader.dimensions[0]
     origins = window_origins(width, height, window, stride)
-    thumb = reader.thumbnail(thumbnail_side(width, height, window))
+    # the thumbnail the overlay is made from and the tissue mask reduced from: MASK_PX pixels per
+    # window, its longest side at least 1024 (the overlay's detail), at most 4096 (its memory)
+    thumb = reader.thumbnail(int(np.clip(MASK_PX * max(width, height) / window, 1024, 4096)))
     coarse = thumb.reduce(max(1, int(thumb.width / width * window / MASK_PX)))  # the overlay needs more
     mask, threshold = tissue_mask(np.asarray(coarse))
     share = tissue_share(mask, coarse.width / width, origins, window)
@@ -515,10 +495,9 @@ def plan_map(path: Path, predictor: dict, settings: dict, image_mpp: float | Non
     note = (f"note: {path.name}: its windows are {read_px} px, enlarged to the network's {predictor['size']} px: "
             f"at {mpp:g} um/px ({'--image-mpp' if image_mpp else 'its metadata'}) the image is much coarser than the "
             f"training tiles; {len(origins)} windows" if read_px < predictor["size"] / 2 else None)
-    return {"reader": reader, "thumbnail": np.asarray(thumb), "mpp": mpp, "note": note,
-            "mpp_from": "--image-mpp" if image_mpp else "metadata", "level": level,
+    return {"reader": reader, "thumbnail": np.asarray(thumb), "mpp": mpp, "note": note, "read_px": read_px,
+            "mpp_from": "--image-mpp" if image_mpp else "metadata", "level": level, "tile_um": tile_um,
             "level_mpp": mpp * reader.downsamples[level], "window_px": window, "stride_px": stride,
-            "read_px": read_px, "tile_um": tile_um,
             "todo": origins if not settings["mask"] else origins[share >= MIN_TISSUE], "n_windows": len(origins),
             "n_tissue": int((share >= MIN_TISSUE).sum()), "threshold": threshold, "size": (width, height),
             "stain": stain, "tint": tuple(int(v) for v in np.median(np.asarray(coarse)[mask], 0)) if mask.any()
@@ -593,14 +572,12 @@ def class_palette(classes: list[str]) -> list[tuple[int, int, int]]:
     MIN_COLOUR_DISTANCE apart for 12 classes and more, tested)."""
     fixed = {c: CLASS_COLOURS[mpkd.class_key(c)] for c in classes if mpkd.class_key(c) in CLASS_COLOURS}
     used = [lab(UNCLASSIFIED), *(lab(v) for v in fixed.values())]
-    out = []
     for name in classes:
         if name not in fixed:
             far = np.min(np.linalg.norm(_CANDIDATES_LAB[:, None] - np.array(used)[None], axis=-1), axis=1)
             fixed[name] = tuple(int(v) for v in _CANDIDATES[int(far.argmax())])
             used.append(lab(fixed[name]))
-        out.append(fixed[name])
-    return out
+    return [fixed[name] for name in classes]
 
 
 LEGEND_WIDTH = 260  # pixels of the legend beside a map or an overlay
@@ -611,16 +588,14 @@ def legend(draw, x: int, y: int, classes: list[str], shares: dict[str, float], t
     """Class swatches and names with their share of the classified area, from (x, y); with `tint`
     (the tissue colour under the overlay) each swatch has two halves: the class colour (the map's,
     QuPath's) and that colour as the overlay shows it on tissue."""
-    palette = class_palette(classes)
-    for i, (name, colour) in enumerate([*zip(classes, palette), ("not classified", UNCLASSIFIED)]):
+    for i, (name, colour) in enumerate([*zip(classes, class_palette(classes)), ("not classified", UNCLASSIFIED)]):
         top = y + 22 * i
-        share = f"  {shares[name]:.0%}" if name in shares else ""
         draw.rectangle((x, top, x + 18, top + 16), fill=colour, outline="black")
         if tint is not None and name in shares:
             a = OVERLAY_ALPHA / 255
             draw.rectangle((x + 19, top, x + 36, top + 16), outline="black",
                            fill=tuple(round(a * c + (1 - a) * t) for c, t in zip(colour, tint)))
-        draw.text((x + 44, top + 2), name + share, fill="black")
+        draw.text((x + 44, top + 2), name + (f"  {shares[name]:.0%}" if name in shares else ""), fill="black")
 
 
 def titled(picture: Image.Image, title: list[str], classes: list[str], shares: dict[str, float], tint=None):
@@ -639,10 +614,9 @@ def titled(picture: Image.Image, title: list[str], classes: list[str], shares: d
 def map_picture(cells: np.ndarray, classes: list[str], title: list[str], shares: dict[str, float]) -> Image.Image:
     """The map at cell resolution, enlarged to a readable size, titled, with a legend of class colours."""
     rows, cols = cells.shape
-    palette = np.array(class_palette(classes) + [UNCLASSIFIED], np.uint8)
-    grid = Image.fromarray(palette[cells])  # -1: the last colour, not classified
+    palette = np.array(class_palette(classes) + [UNCLASSIFIED], np.uint8)  # cells of -1: the last, not classified
     k = max(1, min(24, 1000 // max(rows, cols)))
-    return titled(grid.resize((cols * k, rows * k), Image.NEAREST), title, classes, shares)
+    return titled(Image.fromarray(palette[cells]).resize((cols * k, rows * k), Image.NEAREST), title, classes, shares)
 
 
 def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str], title: list[str],
@@ -653,10 +627,9 @@ def overlay_picture(plan: dict, cells: np.ndarray, classes: list[str], title: li
     thumb = Image.fromarray(plan["thumbnail"])
     fit = min(1.0, (OVERLAY_WIDTH - 10) / 2 / thumb.width, OVERLAY_WIDTH / thumb.height)
     thumb = thumb.resize((max(1, round(thumb.width * fit)), max(1, round(thumb.height * fit))), Image.BILINEAR)
-    scale = thumb.width / plan["size"][0]
     rows, cols = cells.shape
     palette = np.array([c + (OVERLAY_ALPHA,) for c in class_palette(classes)] + [(0, 0, 0, 0)], np.uint8)
-    side = plan["stride_px"] * scale  # a cell on the thumbnail
+    side = plan["stride_px"] * (thumb.width / plan["size"][0])  # a cell on the thumbnail
     layer = Image.fromarray(palette[cells]).resize((max(1, round(cols * side)), max(1, round(rows * side))),
                                                    Image.NEAREST)
     over = thumb.convert("RGBA")
@@ -692,8 +665,8 @@ def write_map(path: Path, plan: dict, predictor: dict, settings: dict, target: d
                                        for i, c in enumerate(classes)},
         "settings": settings, "overlay_tint": list(plan["tint"]),  # the tissue under the legend's tints
         "model": {"path": predictor["path"], "identity": predictor["identity"], "sha256": predictor["sha256"]},
-        "stain_norm": target and {"mode": settings["stain_norm"], "target": target,
-                                  "source": plan["stain"]},  # source None: per window
+        # stain_norm's source None: per window
+        "stain_norm": target and {"mode": settings["stain_norm"], "target": target, "source": plan["stain"]},
         "seconds": plan["seconds"], "windows_per_s": len(window_class) / max(plan["seconds"], 1e-9),
         "setup_seconds": plan["setup_seconds"]}
     named = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
@@ -717,8 +690,7 @@ def write_map(path: Path, plan: dict, predictor: dict, settings: dict, target: d
                  "properties": {"objectType": "tile", "measurements": {"probability": float(mean[r, c, k])},
                                 "classification": {"name": classes[k], "color": list(colours[k])}}}
                 for r, c in zip(*map(np.ndarray.tolist, np.nonzero(classified))) for k in [int(cells[r, c])]]
-    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}),
-                           out_dir / f"{name}.geojson")
+    mpkd.write_text_atomic(json.dumps({"type": "FeatureCollection", "features": features}), out_dir / f"{name}.geojson")
     summary.update(output_seconds=time.perf_counter() - start, complete=True)
     mpkd.write_text_atomic(json.dumps(summary, indent=1), out_dir / f"{name}_summary.json")
     return summary
@@ -785,15 +757,15 @@ def map_folder(images: list[Path], predictor: dict, settings: dict, image_mpp: f
     for path in images:
         done = out_dir / f"{path.stem}_summary.json"
         summary = json.loads(done.read_text()) if done.exists() and not overwrite else {}
-        differ = done_by_another(summary, predictor, settings, image_mpp) if summary.get("complete") else None
-        if differ:  # never two models' (or settings') maps in one folder without being asked
+        if not summary.get("complete"):
+            todo.append(path)
+        elif differ := done_by_another(summary, predictor, settings, image_mpp):
+            # never two models' (or settings') maps in one folder without being asked
             fail(path, mpkd.UserError(f"{done} was made by another {differ}: --overwrite replaces it, "
                                       f"--out-dir DIR keeps both"))
-        elif summary.get("complete"):
+        else:
             lines.append(f"{path.name}: done before ({done}) by this model and settings; --overwrite redoes it")
             print(lines[-1], flush=True)
-        else:
-            todo.append(path)
 
     def finish(path, writing):
         try:
@@ -816,8 +788,7 @@ def map_folder(images: list[Path], predictor: dict, settings: dict, image_mpp: f
             plan, planned = planned, plan_of(todo[i + 1]) if i + 1 < len(todo) else None
             try:
                 plan = plan.result()
-                note = plan.pop("note")
-                if note:
+                if note := plan.pop("note"):
                     print(note, flush=True)
                 plan = classify_windows(path, plan, predictor, target, print)
             except Exception as err:
@@ -845,9 +816,7 @@ def map_folder(images: list[Path], predictor: dict, settings: dict, image_mpp: f
 def main(args):
     check_args(args)
     device = mpkd.pick_device(args.device)
-    if args.map:
-        return map_images(args, device)
-    return predict_images(args, device)
+    return map_images(args, device) if args.map else predict_images(args, device)
 
 
 if __name__ == "__main__":
