@@ -69,17 +69,14 @@ def parse_epochs(text: str, stored: list[int], flag: str = "--anchors") -> list[
     try:
         anchors = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise mpkd.UserError(f"{flag} {text!r} must be comma-separated teacher epochs, "
-                        f"e.g. 5,15,30,50") from None
+        raise mpkd.UserError(f"{flag} {text!r} must be comma-separated teacher epochs, e.g. 5,15,30,50") from None
     unknown = [a for a in anchors if a not in stored]
     if not anchors or unknown:
-        raise mpkd.UserError(f"{flag} {text}: epochs {unknown} are not stored; "
-                        f"stored epochs are {sorted(stored)}")
+        raise mpkd.UserError(f"{flag} {text}: epochs {unknown} are not stored; stored epochs are {sorted(stored)}")
     return anchors
 
 
-def route(student_logits: torch.Tensor, teacher_val_logits: dict[int, torch.Tensor],
-          temperature: float) -> list[dict]:
+def route(student_logits: torch.Tensor, teacher_val_logits: dict[int, torch.Tensor], temperature: float) -> list[dict]:
     """How far the student is from every stored teacher epoch (the teacher's route, RCO's
     diagnostic): student logits (N, C) and each stored epoch's teacher logits (N, C) on the same
     validation images give KL(soften(teacher, T) || soften(student, T)) as a batch mean (the KD
@@ -238,8 +235,7 @@ def kd_targets(args, teacher, epochs, schedule, n_train, device):
 
 def main(args):
     teacher = read_teacher(args.teacher_logits, args.distill_weight)
-    data_dir, note = mpkd.resolve_data_folder(args.data, teacher and teacher["args"].get("data"),
-                                              args.teacher_logits)
+    data_dir, note = mpkd.resolve_data_folder(args.data, teacher and teacher["args"].get("data"), args.teacher_logits)
     if note:
         print(note)
     settings = mpkd.resolve_data_settings(vars(args), data_dir, teacher and teacher["identity"], args.teacher_logits)
@@ -249,9 +245,8 @@ def main(args):
     mpkd.check_writable(args.out, mpkd.state_path(args.out), mpkd.log_path(args.out))
     device = mpkd.pick_device(args.device)
     precision = mpkd.pick_precision(device, args.amp)
-    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed, args.test_frac,
-                             args.val_frac, args.groups,
-                             teacher and (teacher["identity"]["classes"], args.teacher_logits))
+    data = mpkd.load_dataset(args.data, args.img_size, args.split_by, args.split_seed, args.test_frac, args.val_frac,
+                             args.groups, teacher and (teacher["identity"]["classes"], args.teacher_logits))
     state = mpkd.open_state(config, data["identity"])
     epochs = teacher_epochs(args, teacher)
     # the teacher's data, split and classes, or a refusal naming the difference
@@ -261,9 +256,8 @@ def main(args):
     name = mpkd.method_name(method, epochs)
     warn_near_uniform(args, teacher, epochs)
     mpkd.seed_everything(args.seed)  # before decoding: missing --weights stop the run at once
-    model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
-                              args.weights if state is None else None)
-    model = mpkd.to_device(model, device)
+    model = mpkd.to_device(mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
+                                             args.weights if state is None else None), device)
     train, val = mpkd.decode_for_training(data, device, args.batch_size, print, warn)
     teacher_val = route_logits(teacher, val, device)
     schedule, after_epoch = student_hooks(args, epochs, teacher_val)
@@ -276,9 +270,8 @@ def main(args):
         print(f"auto anchors: starting from teacher@{epochs[0]}; close means a KL of at most "
               f"{args.auto_threshold} x {reach:.4f} (the untrained student's KL from teacher@{epochs[-1]})")
     followed = f"; teacher epoch followed in each student epoch: {schedule}" if schedule else ""
-    print(f"{name}: {mpkd.network_name(args.model)} ({args.model}), "
-          f"{mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training images "
-          f"on {device} in {precision}{followed}")
+    print(f"{name}: {mpkd.network_name(args.model)} ({args.model}), {mpkd.count_params(model) / 1e6:.2f}M parameters, "
+          f"{len(train['labels'])} training images on {device} in {precision}{followed}")
     run = mpkd.fit(model, train, val, config, data["identity"], state, teacher_logits_for=teacher_logits_for,
                    after_epoch=after_epoch, say=print, extra=start)
     checkpoint = mpkd.make_checkpoint(model, config, data, train["images"], method, run["history"])

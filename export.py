@@ -128,8 +128,7 @@ def merge_mixed_convs(model: torch.nn.Module) -> torch.nn.Module:
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if type(module).__name__ == "MixedConv2d" and (conv := _one_conv(list(module.values()))) is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, conv)
+            model.set_submodule(name, conv)
     return model
 
 
@@ -160,13 +159,11 @@ def _onnx_bytes(wrapper: torch.nn.Module, size: int) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.onnx"
         try:  # torch >= 2.5: the torch.export-based exporter; external_data=False embeds the weights
-            torch.onnx.export(wrapper, (example,), str(out), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-                              verbose=False, **names)
+            torch.onnx.export(wrapper, (example,), str(out), dynamo=True, external_data=False, verbose=False, **names,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
         except TypeError:  # older torch: the TorchScript exporter, which embeds weights below 2 GB
             torch.onnx.export(wrapper, (example,), str(out), opset_version=17, **names,
-                              dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"},
-                                            "logits": {0: "batch"}})
+                              dynamic_axes={name: {0: "batch"} for name in ("images", "probabilities", "logits")})
         onnx, _ = onnx_packages()
         proto = onnx.load(str(out))  # reads any side .data file back in
     for node in proto.graph.node:  # the exporter's notes on each node: stack traces with this
@@ -301,10 +298,9 @@ def onnx_benchmark(session, model: torch.nn.Module, size: int, repeats: int = 20
 def export_lines(network: str, exported) -> list[str]:
     """What export.py wrote, and with --benchmark how the file runs against PyTorch eager."""
     lines = [f"wrote {exported['path']} ({exported['bytes'] / 1e6:.3f} MB, weights embedded): uint8 "
-                 f"(N, {exported['size']}, {exported['size']}, 3) -> probabilities; on the "
-                 f"{exported['tiles_checked']} test tiles ONNX Runtime agrees with PyTorch (largest "
-                 f"probability difference {exported['max_abs_diff']:.1e}, logit difference "
-                 f"{exported['max_logit_diff']:.1e}, same classes)"]
+                 f"(N, {exported['size']}, {exported['size']}, 3) -> probabilities; on the {exported['tiles_checked']} "
+                 f"test tiles ONNX Runtime agrees with PyTorch (largest probability difference "
+                 f"{exported['max_abs_diff']:.1e}, logit difference {exported['max_logit_diff']:.1e}, same classes)"]
     if "benchmark" in exported:
         onnx_b, eager_b = exported["benchmark"]["onnx"], exported["benchmark"]["eager"]
         lines.append(f"{network} on the CPU, ONNX Runtime: batch-1 latency {onnx_b['latency_ms']:.2f} ms, "
@@ -331,12 +327,11 @@ def global_pools(proto):
         spatial = len(node.input) > 1 and constants.get(node.input[1]) in ([2, 3], [-2, -1])
         if node.op_type != "ReduceMean" or not spatial:
             nodes.append(node)
-        elif keep:
-            nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
-        else:
-            pooled = node.output[0] + "_pooled"
-            nodes += [helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=node.name),
-                      helper.make_node("Flatten", [pooled], list(node.output), name=node.name + "_flatten", axis=1)]
+            continue
+        pooled = list(node.output) if keep else [node.output[0] + "_pooled"]
+        nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], pooled, name=node.name))
+        if not keep:
+            nodes.append(helper.make_node("Flatten", pooled, list(node.output), name=node.name + "_flatten", axis=1))
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return proto
@@ -417,8 +412,7 @@ def _channel_closure(dw, made: dict, readers: dict, tensors: dict, outputs: set)
     at their edges: (tensors, depthwise, writers: the convolutions that make them, ends: those that
     read them), or None where anything else (a graph input or output, a constant, an Add, a Concat,
     a per-channel activation scale) touches them."""
-    seen, depthwise, writers, ends = set(), {dw.name: dw}, {}, {}
-    todo = [dw.input[0]]
+    seen, depthwise, writers, ends, todo = set(), {dw.name: dw}, {}, {}, [dw.input[0]]
     is_depthwise = lambda node: any(a.name == "group" and a.i > 1 for a in node.attribute)
     while todo:
         name = todo.pop()
@@ -477,35 +471,26 @@ def pad_depthwise(proto, multiple: int = DEPTHWISE_CHANNELS) -> None:
               if len(v.type.tensor_type.shape.dim) > 1}
 
     def constants(conv):  # the initializers behind a convolution's weight and bias DequantizeLinear
-        found = []
-        for name in conv.input[1:]:
-            dq = made.get(name)
-            if (dq is None or dq.op_type != "DequantizeLinear" or len(readers[name]) != 1
-                    or not all(n in tensors and len(readers[n]) == 1 for n in dq.input)):
-                return None
-            found.append(dq)
-        return found
+        found = [made.get(name) for name in conv.input[1:]]
+        ok = all(dq is not None and dq.op_type == "DequantizeLinear" and len(readers[dq.output[0]]) == 1
+                 and all(n in tensors and len(readers[n]) == 1 for n in dq.input) for dq in found)
+        return found if ok else None
 
     def grow(name, axis, extra, value):
         a = numpy_helper.to_array(tensors[name])
         if a.ndim > axis:  # per-channel (or a weight); a single per-tensor scale stays as it is
-            shape = list(a.shape)
-            shape[axis] = extra
-            grown = np.concatenate([a, np.full(shape, value, a.dtype)], axis)
+            grown = np.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)], constant_values=value)
             tensors[name].CopyFrom(numpy_helper.from_array(grown, name))
 
     stale, visited = set(), set()
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
-        g = group(conv)
-        if conv.name in visited or g is None or g.i == 1 or g.i % multiple == 0:
+        if (g := group(conv)) is None or conv.name in visited or g.i == 1 or g.i % multiple == 0:
             continue
-        closure = _channel_closure(conv, made, readers, tensors, outputs)
-        if closure is None:
+        if (closure := _channel_closure(conv, made, readers, tensors, outputs)) is None:
             continue
         names, depthwise, writers, ends = closure
         visited |= set(depthwise)
-        channels = g.i
-        extra = -channels % multiple
+        channels, extra = g.i, -g.i % multiple
         makers = [*depthwise.values(), *writers.values()]
         found = {c.name: constants(c) for c in [*makers, *ends.values()]}
         if (any(f is None for f in found.values()) or any(group(c).i != channels for c in depthwise.values())
@@ -516,13 +501,11 @@ def pad_depthwise(proto, multiple: int = DEPTHWISE_CHANNELS) -> None:
         for conv_ in ends.values():  # reads the channels: zero input weights
             grow(found[conv_.name][0].input[0], 1, extra, 0)
         for conv_ in makers:  # makes them: zero weights (scale 1, zero point 0) and bias
-            weight, *bias = found[conv_.name]
-            for name, value in zip(weight.input, (0, 1, 0)):
-                grow(name, 0, extra, value)
             x_scale = float(numpy_helper.to_array(tensors[made[conv_.input[0]].input[1]]))
             # the bias is stored at the weight's scale times the input's
-            for name, value in zip(bias[0].input if bias else [], (0, x_scale, 0)):
-                grow(name, 0, extra, value)
+            for dq, values in zip(found[conv_.name], ((0, 1, 0), (0, x_scale, 0))):
+                for name, value in zip(dq.input, values):
+                    grow(name, 0, extra, value)
             if conv_.name in depthwise:
                 group(conv_).i = channels + extra
         stale |= names
@@ -557,12 +540,10 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray):
     batch = max(b for b in range(1, 65) if len(calibration) % b == 0)  # Percentile needs equal batches
 
     class Batches(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calibration[i:i + batch] for i in range(0, len(calibration), batch))
+        batches = iter({"images": calibration[i:i + batch]} for i in range(0, len(calibration), batch))
 
         def get_next(self):
-            chunk = next(self.batches, None)
-            return None if chunk is None else {"images": chunk}
+            return next(self.batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre, out = (str(Path(tmp) / name) for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
@@ -576,8 +557,7 @@ def quantise(network: torch.nn.Module, size: int, calibration: np.ndarray):
             quantization.quantize_static(
                 pre, out, Batches(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
                 activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-                reduce_range=True, calibrate_method=quantization.CalibrationMethod.Percentile,
-                nodes_to_exclude=floats)
+                reduce_range=True, calibrate_method=quantization.CalibrationMethod.Percentile, nodes_to_exclude=floats)
         proto = onnx.load(out)
     pad_depthwise(proto)
     compact_weights(proto)
@@ -736,20 +716,15 @@ def main(args):
         raise mpkd.UserError(f"--out {out} must be a .onnx path")
     mpkd.check_writable(out)
     ckpt = mpkd.load_checkpoint(path)
-    cpu = torch.device("cpu")  # the file is checked and calibrated on the CPU, where ONNX Runtime runs
-    data, part = mpkd.load_test_split(ckpt, path, args.data, args.groups, cpu, {}, print)
+    # the file is checked and calibrated on the CPU, where ONNX Runtime runs
+    data, part = mpkd.load_test_split(ckpt, path, args.data, args.groups, torch.device("cpu"), {}, print)
     model, network = mpkd.load_model(ckpt, path).eval(), mpkd.network_name(ckpt["model"])
-    if args.int8:
-        exported = export_int8(ckpt, path, model, data, part, out)
-        if args.benchmark:
-            exported["benchmark"] = int8_benchmark(exported, part)
-        lines = int8_lines(network, exported)
-    else:
-        exported = export_onnx(ckpt, path, model, part, out)
-        if args.benchmark:
-            exported["benchmark"] = onnx_benchmark(exported["session"], model, exported["size"])
-        lines = export_lines(network, exported)
-    print("\n".join(lines))
+    exported = (export_int8(ckpt, path, model, data, part, out) if args.int8
+                else export_onnx(ckpt, path, model, part, out))
+    if args.benchmark:
+        exported["benchmark"] = (int8_benchmark(exported, part) if args.int8
+                                 else onnx_benchmark(exported["session"], model, exported["size"]))
+    print("\n".join(int8_lines(network, exported) if args.int8 else export_lines(network, exported)))
     return exported
 
 

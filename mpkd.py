@@ -205,8 +205,7 @@ def build_mixnet(name: str, num_classes: int, pretrained: bool, weights: str | P
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as err:  # only the weight download can fail here: hub down, proxy, quota
-        raise UserError(f"could not fetch ImageNet weights for {name} ({type(err).__name__}); "
-                        f"{ways_out}") from None
+        raise UserError(f"could not fetch ImageNet weights for {name} ({type(err).__name__}); {ways_out}") from None
 
 
 def _cached_weights(name: str) -> str | None:
@@ -344,8 +343,7 @@ def find_images(root: str | Path) -> tuple[list[str], list[int], list[str]]:
         raise UserError(f"data path {root} is not a folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not ignored(d.name))
     if len(classes) < 2:
-        raise UserError(f"{root} must hold at least two class folders (<class>/<image>), "
-                        f"found {len(classes)}")
+        raise UserError(f"{root} must hold at least two class folders (<class>/<image>), found {len(classes)}")
     files, labels = [], []
     for label, name in enumerate(classes):
         found = list_images(root / name)
@@ -404,8 +402,7 @@ def decode_images(root: str | Path, files: list[str], size: int,
     workers = min(os.cpu_count() or 1, len(starts))
     # fork: the workers start at once, with no re-import. In-process where there is no fork, or
     # where /dev/shm is too small to share the images (Docker's default is 64 MB).
-    parallel = (workers > 1 and "fork" in multiprocessing.get_all_start_methods()
-                and _shm_room() > 1.2 * out.numel())
+    parallel = workers > 1 and "fork" in multiprocessing.get_all_start_methods() and _shm_room() > 1.2 * out.numel()
     if parallel:
         out.share_memory_()  # torch.multiprocessing passes views of it to the workers, not copies
     jobs = [(str(root), files[i:i + chunk], out[i:i + chunk]) for i in starts]
@@ -1657,8 +1654,7 @@ def check_writable(*paths: str | Path) -> None:
         try:  # a real write: permissions, read-only mounts and full quotas all show up here
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as err:
-            raise UserError(f"cannot write {path}: folder {folder} is not writable "
-                            f"({err.strerror})") from None
+            raise UserError(f"cannot write {path}: folder {folder} is not writable ({err.strerror})") from None
 
 
 def median_seconds(fns: list, device: torch.device, repeats: int, warmup: int) -> list[float]:
@@ -1779,8 +1775,7 @@ def add_training_flags(p) -> None:
     p.add_argument("--img-size", type=int, default=None,
                    help="images are resized to this square size, at least 32 (unset: 112, or in "
                         "distill.py what the teacher logits were made with; likewise the split flags)")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="batch size (the paper says 64 and 128; 64 is used)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (the paper says 64 and 128; 64 is used)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--step-size", type=int, default=5,
                    help="StepLR: multiply the learning rate by --gamma every this many epochs")
@@ -1814,8 +1809,7 @@ def add_training_flags(p) -> None:
                    help="bf16 autocast (unset: on CUDA GPUs with native bf16, compute capability 8.0 "
                         "or newer, and fp32 elsewhere; --amp asks for it on the CPU too; --no-amp: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its saved state")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
 
 
 DATA_DEFAULTS = {"img_size": 112, "split_by": "tile", "split_seed": 0, "test_frac": 0.2, "val_frac": 0.2,

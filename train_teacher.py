@@ -23,8 +23,7 @@ def get_args(argv=None):
                    help="folder of class folders (unset: in distill.py the folder the teacher logits "
                         "were made from, else Kather 2016's, downloaded if missing)")
     p.add_argument("--out", default="teacher.pt", help="teacher checkpoint")
-    p.add_argument("--logits-out", default="teacher_logits.pt",
-                   help="the stored teacher logits on the training set")
+    p.add_argument("--logits-out", default="teacher_logits.pt", help="the stored teacher logits on the training set")
     p.add_argument("--model", default="mixnet_l", help="timm model name of the teacher")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ImageNet weights")
@@ -49,9 +48,8 @@ def main(args):
     mpkd.seed_everything(args.seed)
     # Built before decoding, so that missing weights stop the run at once; on resume the
     # weights come from the state, so no ImageNet weights are fetched.
-    model = mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
-                              args.weights if state is None else None)
-    model = mpkd.to_device(model, device)
+    model = mpkd.to_device(mpkd.build_mixnet(args.model, len(data["classes"]), args.pretrained and state is None,
+                                             args.weights if state is None else None), device)
     train, val = mpkd.decode_for_training(data, device, args.batch_size, print, warn)
     stored_epochs = set(range(args.save_every, args.epochs + 1, args.save_every)) | {args.epochs}
     if args.save_every > args.epochs:
@@ -67,9 +65,8 @@ def main(args):
             extra.setdefault("val_logits", {})[epochs_done] = val_logits.cpu()
         return {"logits_seconds": time.perf_counter() - start}
 
-    print(f"teacher {args.model}: {mpkd.count_params(model) / 1e6:.2f}M parameters, "
-          f"{len(train['labels'])} training images on {device} in {precision}; "
-          f"logits stored after epochs {sorted(stored_epochs)}")
+    print(f"teacher {args.model}: {mpkd.count_params(model) / 1e6:.2f}M parameters, {len(train['labels'])} training "
+          f"images on {device} in {precision}; logits stored after epochs {sorted(stored_epochs)}")
     run = mpkd.fit(model, train, val, config, data["identity"], state, after_epoch=store_logits, say=print)
     teacher_logits = {"format": mpkd.LOGITS_FORMAT, "identity": data["identity"], "teacher": args.model,
                       "logits": run["extra"]["logits"], "args": config,
