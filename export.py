@@ -93,8 +93,8 @@ class Deployable(torch.nn.Module):
 def _one_conv(parts: list) -> torch.nn.Conv2d | None:
     """One Conv2d computing what a MixedConv2d's parts compute on their channel splits, or None
     where no single convolution does: depthwise parts of mixed kernel sizes become one depthwise conv
-    with the smaller kernels zero-padded (centred) to the largest; equal 1x1 parts become one grouped
-    conv. Same products and sums, so the outputs agree to float rounding."""
+    with the smaller kernels zero-padded (centred) to the largest; 1x1 parts become one dense 1x1
+    conv with a block-diagonal weight. Same products and sums, so the outputs agree to float rounding."""
     first = parts[0]
     alike = all(type(c) is torch.nn.Conv2d and c.padding_mode == "zeros" and c.bias is None
                        and c.kernel_size[0] == c.kernel_size[1] and c.kernel_size[0] % 2 == 1
