@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,35 @@ def test_seed_aggregation_and_paired_difference():
     half = 4.302652729911275 * paired["std"] / 3**0.5  # t(0.975, df=2) from a printed t table
     assert paired["ci95"] == pytest.approx([3.5 / 3 - half, 3.5 / 3 + half])
     assert paired["wins"] == 2 and paired["ties"] == 0
+
+
+def test_seed_summary_and_paired_difference_are_printed_with_their_values():
+    rows = [{"method": mpkd.METHODS[m], "method_key": m, "network": "MixNet-S", "accuracy": a, "params_m": 2.61,
+             "size_mb": 10.44, "pair_key": [s, "f"], "accuracy_ci95": [a - 1, a + 1], "clustered": None,
+             "precision": "fp32", "data": {}, "n_test": 1000, "checkpoint": f"{m}{s}.pt"}
+            for m, accs in [("multipart", [90.0, 92.0, 94.0]), ("vanilla", [89.0, 92.5, 91.0])]
+            for s, a in enumerate(accs)]
+    rows.append({**rows[0], "method": "teacher", "method_key": "teacher", "network": "MixNet-L", "accuracy": 95.0,
+                 "params_m": 5.8, "size_mb": 23.2, "checkpoint": "teacher.pt"})
+    lines = evaluate.table_lines(rows, evaluate.summarise(rows), evaluate.paired_difference(rows), [])
+    start = next(i for i, line in enumerate(lines) if "mean +- std" in line) + 1
+    teacher, vanilla, multipart = (line.split() for line in lines[start:start + 3])
+    half = 4.302652729911275 * 2 / 3**0.5  # t(0.975, df=2) x std 2 / sqrt(3)
+    assert multipart == ["Multi-Part", "KD", "MixNet-S", "92.00", "+-", "2.00",
+                         f"[{92 - half:.2f},", f"{92 + half:.2f}]", "3", "2.61", "10.440"]
+    assert vanilla[:6] == ["vanilla", "KD", "MixNet-S", "90.83", "+-", "1.76"]
+    assert teacher == ["teacher", "MixNet-L", "95.00", "-", "1", "5.80", "23.200"]  # one run: no spread, no interval
+    paired = [line for line in lines if "paired by seed" in line or "t-interval" in line]
+    std = float(np.std([1.0, -0.5, 3.0], ddof=1))
+    lo, hi = 3.5 / 3 - 4.302652729911275 * std / 3**0.5, 3.5 / 3 + 4.302652729911275 * std / 3**0.5
+    assert paired == ["Multi-Part KD - vanilla KD, paired by seed [0, 1, 2]: +1.00 -0.50 +3.00 points",
+                      f"  mean +1.17, std {std:.2f}, 95% t-interval of the mean [{lo:+.2f}, {hi:+.2f}]; "
+                      f"Multi-Part KD ahead on 2 of 3 seeds"]
+    speed = lambda ms, per_s: {"latency_ms": ms, "throughput": per_s, "train_step_images_per_s": 1.0,
+                               "kd_step_images_per_s": 1.0}
+    rows = [{**r, "benchmark": speed(10.0, 100.0) if r["method"] == "teacher" else speed(4.0, 500.0)} for r in rows]
+    lines = evaluate.table_lines(rows, evaluate.summarise(rows), None, [])
+    assert lines[-1] == "MixNet-S vs MixNet-L: 2.50x lower batch-1 latency, 5.00x throughput"
 
 
 def test_wilson_interval_against_hand_computed_values():
@@ -1553,6 +1583,13 @@ def test_external_bad_inputs_are_one_line_before_any_scoring(map_model, tmp_path
         run("--class-map", cmap, "--scale-rule", "cover", "--skip-unmapped")
     with pytest.raises(mpkd.UserError, match="--class-map is for --external"):
         evaluate.main(evaluate.get_args([str(map_model), "--class-map", str(cmap)]))
+    (root / "four").mkdir()  # a mapped folder with no images in it
+    (root / "four" / "notes.txt").write_text("not a tile")
+    cmap.write_text("folder,class\nzero,01_CLASS0\nfour,02_CLASS1\n")
+    with pytest.raises(mpkd.UserError, match=r"class folder .*four holds no images \(\.tif"):
+        run("--class-map", cmap, "--skip-unmapped")
+    shutil.rmtree(root / "four")
+    cmap.write_text("folder,class\nzero,01_CLASS0\n")
     (root / "zero" / "broken.png").write_bytes(b"not a png")
     proc = run_script("evaluate.py", map_model, "--external", root, "--class-map", cmap, "--skip-unmapped",
                       "--device", "cpu", cwd=tmp_path)
